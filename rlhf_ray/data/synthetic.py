@@ -1,0 +1,80 @@
+"""Bundled demo data: small arithmetic tasks in the seed's input formats, generated deterministically.
+
+Nothing is downloaded: `make demo` and the tests write these files and run every stage on them. Each problem has a
+verifiable answer, so the same generator gives SFT conversations, preference pairs (true answer vs a perturbed
+one), RL prompts with a label for rule rewards, and ptx (pretraining) rows.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+SYSTEM_HINT = "Answer with the number only."
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: int
+
+
+def make_problems(n: int, seed: int = 0, max_operand: int = 20) -> list[Problem]:
+    rng = random.Random(seed)
+    problems = []
+    for _ in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        op = rng.choice("+-")
+        answer = a + b if op == "+" else a - b
+        problems.append(Problem(f"What is {a} {op} {b}?", answer))
+    return problems
+
+
+def _perturb(answer: int, rng: random.Random) -> int:
+    delta = rng.choice([-3, -2, -1, 1, 2, 3, 10])
+    return answer + delta
+
+
+def sft_rows(problems: list[Problem]) -> list[dict]:
+    return [{"messages": [{"from": "human", "content": p.question}, {"from": "assistant", "content": str(p.answer)}]}
+            for p in problems]
+
+
+def preference_rows(problems: list[Problem], seed: int = 0) -> list[dict]:
+    rng = random.Random(seed + 1)
+    return [{"context": [{"from": "human", "content": p.question}],
+             "chosen": [{"from": "assistant", "content": str(p.answer)}],
+             "rejected": [{"from": "assistant", "content": str(_perturb(p.answer, rng))}]}
+            for p in problems]
+
+
+def prompt_rows(problems: list[Problem]) -> list[dict]:
+    return [{"messages": [{"from": "human", "content": p.question}], "label": str(p.answer)} for p in problems]
+
+
+def ptx_rows(problems: list[Problem]) -> list[dict]:
+    return [{"source": p.question, "target": f" {p.answer}"} for p in problems]
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_demo_data(out_dir: str | Path, n: int = 512, seed: int = 0) -> dict[str, Path]:
+    """Write sft/preference/prompt/ptx JSONL files (disjoint problem sets per stage) and return their paths."""
+    out_dir = Path(out_dir)
+    problems = make_problems(4 * n, seed=seed)
+    chunks = [problems[i * n:(i + 1) * n] for i in range(4)]
+    return {
+        "sft": write_jsonl(sft_rows(chunks[0]), out_dir / "sft.jsonl"),
+        "preference": write_jsonl(preference_rows(chunks[1], seed), out_dir / "preference.jsonl"),
+        "prompt": write_jsonl(prompt_rows(chunks[2]), out_dir / "prompt.jsonl"),
+        "ptx": write_jsonl(ptx_rows(chunks[3]), out_dir / "ptx.jsonl"),
+    }

@@ -40,7 +40,7 @@ def ray_cluster():
         ray.init(address="local", num_cpus=int(os.environ.get("RLHF_RAY_TEST_CPUS", "8")),
                  include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                                           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}})
+                                           "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}})
     yield ray
     ray.shutdown()
 

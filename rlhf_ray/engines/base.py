@@ -1,0 +1,79 @@
+"""The training-engine interface: what a trainer worker may ask of a parallelism backend.
+
+An engine wraps one model, its optimizer and its LR scheduler on one rank, applies the parallelism of its backend
+(DDP, FSDP2, DTensor TP, a ColossalAI booster plugin) from the outside, and knows nothing of SFT, DPO or PPO: the
+caller hands it a batch and a loss function.
+
+    engine = build_engine(parallel, train, model_factory, total_steps)     # registry in engines/registry.py
+    metrics = engine.forward_backward(micro_batch, loss_fn)                # loss scaled by 1/accumulation_steps
+    if engine.is_accumulation_boundary(): metrics |= engine.optimizer_step()
+    for name, tensor in engine.iter_weights(): ...                          # full HF-named tensors, one at a time
+    engine.save_checkpoint(dir); engine.load_checkpoint(dir)                # resumable, sharded where the backend is
+    engine.save_hf(dir, tokenizer)                                          # plain transformers-loadable output
+
+`loss_fn(model, batch) -> (loss, metrics)` runs the forward pass itself, so that one engine serves causal-LM
+losses, value heads and paired (chosen/rejected) forwards alike.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+LossFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
+
+
+class TrainEngine(ABC):
+    """One rank's view of a model being trained."""
+
+    #: the wrapped module (DDP/FSDP/TP-parallelised); call it through loss_fn, not directly
+    model: torch.nn.Module
+
+    @abstractmethod
+    def forward_backward(self, batch: dict[str, Any], loss_fn: LossFn) -> dict[str, float]:
+        """Run loss_fn under the engine's autocast, backward the loss / accumulation_steps; return loss_fn's metrics
+        plus `loss` (unscaled). Gradient sync is deferred until the accumulation boundary where the backend allows."""
+
+    @abstractmethod
+    def optimizer_step(self) -> dict[str, float]:
+        """Unscale (fp16), clip to grad_clip, step optimizer and scheduler, zero grads.
+        Returns {'grad_norm': ..., 'lr': ...}; a non-finite grad norm skips the step and says so."""
+
+    @abstractmethod
+    def is_accumulation_boundary(self) -> bool:
+        """True when the micro-batch just run completes an optimizer step's accumulation."""
+
+    @torch.no_grad()
+    @abstractmethod
+    def forward(self, batch: dict[str, Any], fn: Callable[[torch.nn.Module, dict[str, Any]], Any]) -> Any:
+        """Inference-only forward (eval, scoring, log-probs) under the engine's autocast, no grad."""
+
+    @abstractmethod
+    def train(self) -> None: ...
+
+    @abstractmethod
+    def eval(self) -> None: ...
+
+    @abstractmethod
+    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (hf_parameter_name, full_tensor) one at a time (gathered from shards, LoRA merged), on every rank;
+        tensors are CPU or device tensors the caller must not keep beyond its own use."""
+
+    @abstractmethod
+    def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any] | None = None) -> None:
+        """Resumable state: model, optimizer, scheduler, grad scaler, RNG, client_state (step, data position)."""
+
+    @abstractmethod
+    def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
+        """Restore what save_checkpoint wrote; return client_state."""
+
+    @abstractmethod
+    def save_hf(self, directory: str | Path, tokenizer: Any = None) -> None:
+        """Write a plain HF directory (config + safetensors [+ tokenizer]) on rank 0; LoRA merged when configured."""
+
+    @abstractmethod
+    def unwrap(self) -> torch.nn.Module:
+        """The underlying module (no parallel wrapper)."""

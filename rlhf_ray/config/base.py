@@ -130,9 +130,8 @@ def build_parser(config_cls: type[JobConfig], prog: str, description: str = "") 
                 kwargs.update(nargs="+", metavar="VALUE")
             elif get_origin(annotation) is Literal:
                 kwargs.update(metavar="{" + ",".join(str(a) for a in get_args(annotation)) + "}")
-            default = field.default if field.default is not None else None
-            if default is not None and not callable(default):
-                kwargs["help"] = f"{kwargs['help']} (default: {default})"
+            if not field.is_required() and field.default is not None and field.default_factory is None:
+                kwargs["help"] = f"{kwargs['help']} (default: {field.default})"
             group.add_argument(*flags, **kwargs)
     return parser
 

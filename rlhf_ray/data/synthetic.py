@@ -50,6 +50,28 @@ def preference_rows(problems: list[Problem], seed: int = 0) -> list[dict]:
             for p in problems]
 
 
+def verifiable_preference_rows(n: int, seed: int = 0, max_operand: int = 20) -> list[dict]:
+    """Pairs judged by consistency, which a tiny model can learn by copying rather than by doing arithmetic.
+
+    Both responses show the same worked line ("3 + 5 = 8."); the chosen one ends with that result ("The answer is
+    8."), the rejected one with a different number drawn uniformly from the same range ("The answer is 11."). A
+    reward model only has to check that the final number repeats the one after "=" (a GSM8K-like "the final answer
+    matches the work" check). Sums of operands in 0..max_operand keep every number one token of the bundled
+    tokenizer (" 0" .. " 40"), so the two numbers sit at a fixed distance in every row.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        answer = a + b
+        wrong = rng.choice([x for x in range(0, 2 * max_operand + 1) if x != answer])
+        work = f"{a} + {b} = {answer}."
+        rows.append({"context": [{"from": "human", "content": f"What is {a} + {b}?"}],
+                     "chosen": [{"from": "assistant", "content": f"{work} The answer is {answer}."}],
+                     "rejected": [{"from": "assistant", "content": f"{work} The answer is {wrong}."}]})
+    return rows
+
+
 def prompt_rows(problems: list[Problem]) -> list[dict]:
     return [{"messages": [{"from": "human", "content": p.question}], "label": str(p.answer)} for p in problems]
 

@@ -14,6 +14,7 @@ import time
 BENCHMARKS = {
     "prepare": "benchmarks.bench_prepare",
     "logprobs": "benchmarks.bench_logprobs",
+    "engines": "benchmarks.bench_engines",
     "trainer": "benchmarks.bench_trainer",
     "rollout": "benchmarks.bench_rollout",
     "weight_sync": "benchmarks.bench_weight_sync",

@@ -13,6 +13,11 @@ caller hands it a batch and a loss function.
 
 `loss_fn(model, batch) -> (loss, metrics)` runs the forward pass itself, so that one engine serves causal-LM
 losses, value heads and paired (chosen/rejected) forwards alike.
+
+Collective calls: under sharded backends (FSDP2, TP) iter_weights, save_hf, save_checkpoint, load_checkpoint,
+reduce_metrics and barrier gather or synchronise across ranks, so every rank must make the same calls in the same
+order. forward_backward/optimizer_step are collective too, as in any data-parallel training.
+Implementations: engines/torch_native.py (ddp, fsdp, fsdp_cpu, tp, 3d), engines/colossal.py (ColossalAI plugins).
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ class TrainEngine(ABC):
 
     #: the wrapped module (DDP/FSDP/TP-parallelised); call it through loss_fn, not directly
     model: torch.nn.Module
+    #: this rank and the number of ranks training the model (1 in a single process)
+    rank: int
+    world_size: int
+    #: optimizer steps taken (restored by load_checkpoint)
+    global_step: int
 
     @abstractmethod
     def forward_backward(self, batch: dict[str, Any], loss_fn: LossFn) -> dict[str, float]:
@@ -71,8 +81,18 @@ class TrainEngine(ABC):
         """Restore what save_checkpoint wrote; return client_state."""
 
     @abstractmethod
-    def save_hf(self, directory: str | Path, tokenizer: Any = None) -> None:
-        """Write a plain HF directory (config + safetensors [+ tokenizer]) on rank 0; LoRA merged when configured."""
+    def save_hf(self, directory: str | Path, tokenizer: Any = None, dtype: torch.dtype | None = None) -> None:
+        """Write a plain HF directory (config + safetensors [+ tokenizer]) on rank 0, atomically; LoRA merged when
+        configured (merge_lora_weights), else the adapter in peft's layout. dtype casts floating weights on export
+        (default: as trained, fp32 master weights)."""
+
+    @abstractmethod
+    def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Mean of each metric over all ranks (every rank passes the same keys); identity in a single process."""
+
+    @abstractmethod
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in a single process)."""
 
     @abstractmethod
     def unwrap(self) -> torch.nn.Module:

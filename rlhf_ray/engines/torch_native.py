@@ -1,0 +1,309 @@
+"""The torch-native engine: DDP, FSDP2, FSDP2 with CPU offload, DTensor TP, and FSDP2 + TP on a 2-D mesh.
+
+One class; the registered names choose a layout:
+
+    ddp        DistributedDataParallel (replicated weights and optimizer), or TP + data parallelism with --tp N
+    fsdp       FSDP2 fully_shard over dp (weights, grads, optimizer state sharded: ZeRO-3); with --tp N, a 2-D
+               (dp, tp) mesh: TP inside each group, FSDP2 across groups
+    fsdp_cpu   fsdp with CPUOffloadPolicy (sharded state kept in host memory)
+    tp         DTensor tensor parallelism (needs --tp > 1); dp groups, if any, average gradients like DDP
+    3d         ColossalAI's HybridParallelPlugin name; served here by fsdp + tp (see docs/engines.md)
+
+A single process (no torch.distributed group, num_workers 1) trains the unwrapped model: nothing to shard.
+Inside a WorkerGroup the default process group already exists (gloo on CPU, nccl on GPU); the engine builds its
+device mesh on top of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rlhf_ray.checkpoint.atomic import atomic_directory, require_complete
+from rlhf_ray.checkpoint.hf_export import write_hf_directory, write_peft_adapter
+from rlhf_ray.checkpoint.rng import load_rng, save_rng
+from rlhf_ray.checkpoint.sharded import (load_model_state, load_optimizer_state, save_model_state,
+                                         save_optimizer_state)
+from rlhf_ray.engines.base import LossFn, TrainEngine
+from rlhf_ray.engines.optim import WarmupCosineSchedule, build_optimizer
+from rlhf_ray.engines.parallelize import (all_reduce_mean_grads, apply_ddp, apply_fsdp, apply_tp, build_mesh)
+from rlhf_ray.engines.precision import AUTOCAST_DTYPES, DynamicLossScaler, autocast_context
+from rlhf_ray.engines.registry import register_engine
+from rlhf_ray.engines.weights import global_grad_norm, iter_full_weights, iter_lora_weights, scale_grads_
+from rlhf_ray.models.lora import build_lora_config, has_lora
+
+log = logging.getLogger(__name__)
+
+ENGINE_STATE_FILE = "engine_state.json"
+CLIENT_STATE_FILE = "client_state.json"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the ranks share the model: data parallelism kind, TP size, offload."""
+
+    data_parallel: str          # "ddp" (replicate) or "fsdp" (shard)
+    tp: int = 1
+    cpu_offload: bool = False
+
+
+def training_device(parallel) -> torch.device:
+    """cuda:<current> when this rank reserved GPUs and CUDA is visible, else cpu."""
+    if parallel.gpus_per_worker > 0 and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+class TorchNativeEngine(TrainEngine):
+    """DDP / FSDP2 / TP engine on one rank. See the module docstring for the layouts."""
+
+    def __init__(self, name: str, layout: Layout, parallel, train, model_factory: Callable[[], nn.Module],
+                 num_training_steps: int, model_cfg=None) -> None:
+        self.name = name
+        self.layout = layout
+        self.train_cfg = train
+        self.model_cfg = model_cfg
+        self.accumulation_steps = train.accumulation_steps
+        self.mixed_precision = train.mixed_precision
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        if self.world_size != parallel.num_workers:
+            raise ValueError(f"--plugin {name}: --num_workers {parallel.num_workers} but the process group has "
+                             f"{self.world_size} rank(s); start the engine inside a WorkerGroup of "
+                             f"{parallel.num_workers} workers (or set --num_workers {self.world_size})")
+        self.tp = layout.tp
+        self.dp = self.world_size // self.tp
+        self.device = training_device(parallel)
+
+        # Same seed on every rank: identical initial weights for anything the factory initialises randomly.
+        torch.manual_seed(train.seed)
+        module = model_factory().to(self.device)
+        self._hf_module = module                 # the module before any wrapper (FSDP2/TP modify it in place)
+        self.model = self._parallelize(module)
+        self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, train.lr, train.weight_decay)
+        self.scheduler = WarmupCosineSchedule(self.optimizer, num_training_steps, train.warmup_steps)
+        self.scaler = DynamicLossScaler() if self.mixed_precision == "fp16" else None
+        self.micro_step = 0
+        self.global_step = 0
+        log.info("engine %s: world %d = dp %d × tp %d, device %s, precision %s, %d optimizer steps (warmup %d)",
+                 name, self.world_size, self.dp, self.tp, self.device, self.mixed_precision, num_training_steps,
+                 self.scheduler.warmup_steps)
+
+    # ------------------------------------------------------------ setup
+    def _parallelize(self, module: nn.Module) -> nn.Module:
+        layout = self.layout
+        self._dp_group = None
+        if self.world_size == 1:
+            if layout.tp > 1:
+                raise ValueError(f"--tp {layout.tp} needs {layout.tp} ranks; got a single process")
+            return module
+        if layout.tp > 1 and has_lora(module):
+            raise ValueError("--tp > 1 with --lora_rank > 0 is not supported (the TP plan shards the Linear layers "
+                             "that LoRA wraps); use --plugin fsdp with --tp 1 for LoRA")
+        mesh = build_mesh(self.device.type, self.dp, layout.tp)
+        self.mesh = mesh
+        if layout.tp > 1:
+            apply_tp(module, mesh["tp"])
+        if layout.data_parallel == "fsdp":
+            # bf16/fp16: FSDP2 all-gathers and computes in that dtype and reduces gradients in fp32, keeping
+            # fp32 master shards for the optimizer (autocast still chooses per-op precision).
+            apply_fsdp(module, mesh["dp"], cpu_offload=layout.cpu_offload,
+                       param_dtype=AUTOCAST_DTYPES.get(self.mixed_precision))
+            return module
+        if layout.tp == 1:
+            return apply_ddp(module, self.device)
+        if self.dp > 1:
+            self._dp_group = mesh["dp"].get_group()      # TP + replicated data parallelism: average at the step
+        return module
+
+    # ------------------------------------------------------------ training
+    def _sync_context(self, boundary: bool):
+        """Defer gradient communication on micro-batches that do not end an accumulation."""
+        if boundary:
+            return contextlib.nullcontext()
+        if hasattr(self.model, "no_sync"):                       # DDP
+            return self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):    # FSDP2: accumulate unsharded, reduce once
+            return _fsdp_no_sync(self.model)
+        return contextlib.nullcontext()
+
+    def is_accumulation_boundary(self) -> bool:
+        return self.micro_step % self.accumulation_steps == 0
+
+    def forward_backward(self, batch: dict[str, Any], loss_fn: LossFn) -> dict[str, float]:
+        boundary = (self.micro_step + 1) % self.accumulation_steps == 0
+        batch = _to_device(batch, self.device)
+        with self._sync_context(boundary):
+            with autocast_context(self.mixed_precision, self.device):
+                loss, metrics = loss_fn(self.model, batch)
+            scaled = loss.float() / self.accumulation_steps
+            if self.scaler is not None:
+                scaled = self.scaler.scale_loss(scaled)
+            scaled.backward()
+        self.micro_step += 1
+        return {**{k: float(v) for k, v in metrics.items()}, "loss": float(loss.detach())}
+
+    def optimizer_step(self) -> dict[str, float]:
+        if not self.is_accumulation_boundary():
+            raise RuntimeError(f"optimizer_step after {self.micro_step % self.accumulation_steps} of "
+                               f"{self.accumulation_steps} micro-batches: gradients are not synchronised yet; "
+                               f"call it when is_accumulation_boundary() is True")
+        params = self.trainable_parameters
+        if self._dp_group is not None:
+            all_reduce_mean_grads(params, self._dp_group)
+        if self.scaler is not None:
+            scale_grads_(params, 1.0 / self.scaler.scale)
+        grad_norm = global_grad_norm(params)
+        step_ok = self.scaler.update(grad_norm) if self.scaler is not None else math.isfinite(grad_norm)
+        clip = self.train_cfg.grad_clip
+        if step_ok:
+            if clip > 0 and grad_norm > clip:
+                scale_grads_(params, clip / (grad_norm + 1e-6))
+            self.optimizer.step()
+        else:
+            log.warning("step %d: grad norm %s is not finite; optimizer step skipped", self.global_step, grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.global_step += 1
+        metrics = {"grad_norm": grad_norm, "lr": lr, "skipped": 0.0 if step_ok else 1.0}
+        if self.scaler is not None:
+            metrics["loss_scale"] = self.scaler.scale
+        return metrics
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, Any], fn: Callable[[nn.Module, dict[str, Any]], Any]) -> Any:
+        batch = _to_device(batch, self.device)
+        with autocast_context(self.mixed_precision, self.device):
+            return fn(self.model, batch)
+
+    def train(self) -> None:
+        self.model.train()
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    def unwrap(self) -> nn.Module:
+        return self._hf_module
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Mean of each metric over all ranks (same keys on every rank); identity in a single process."""
+        if not self.distributed or not metrics:
+            return dict(metrics)
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return {k: float(v) / self.world_size for k, v in zip(keys, values)}
+
+    # ------------------------------------------------------------ weights
+    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full HF-named tensors, LoRA merged; collective under FSDP/TP (every rank must iterate)."""
+        yield from iter_full_weights(self._hf_module, merge_lora=True)
+
+    def save_hf(self, directory: str | Path, tokenizer: Any = None, dtype: torch.dtype | None = None) -> None:
+        module = self._hf_module
+        merge = self.model_cfg is None or self.model_cfg.merge_lora_weights
+        is_writer = self.rank == 0
+        if has_lora(module) and not merge:
+            lora_config = build_lora_config(self.model_cfg, self.model_cfg.pretrain if self.model_cfg else None)
+            write_peft_adapter(directory, iter_lora_weights(module), lora_config=lora_config, tokenizer=tokenizer,
+                               is_writer=is_writer, barrier=self.barrier)
+            return
+        write_hf_directory(directory, self.iter_weights(), config=module.config,
+                           generation_config=getattr(module, "generation_config", None), tokenizer=tokenizer,
+                           dtype=dtype, is_writer=is_writer, barrier=self.barrier)
+
+    # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any] | None = None) -> None:
+        client_json = json.dumps(client_state or {})      # fail before writing anything if it is not JSON-able
+        with atomic_directory(directory, is_writer=self.rank == 0, barrier=self.barrier) as tmp:
+            save_model_state(tmp / "model", self.model)
+            save_optimizer_state(tmp / "optimizer", self.model, self.optimizer, is_writer=self.rank == 0)
+            save_rng(tmp / "rng", self.rank)
+            if self.rank == 0:
+                (tmp / CLIENT_STATE_FILE).write_text(client_json)
+                (tmp / ENGINE_STATE_FILE).write_text(json.dumps(self._engine_state(), indent=1))
+
+    def _engine_state(self) -> dict[str, Any]:
+        return {"plugin": self.name, "world_size": self.world_size, "tp": self.tp, "global_step": self.global_step,
+                "micro_step": self.micro_step, "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
+        directory = require_complete(directory)
+        state = json.loads((directory / ENGINE_STATE_FILE).read_text())
+        load_model_state(directory / "model", self.model)
+        load_optimizer_state(directory / "optimizer", self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.global_step = int(state["global_step"])
+        self.micro_step = int(state["micro_step"])
+        load_rng(directory / "rng", self.rank)
+        if state["world_size"] != self.world_size or state.get("tp", 1) != self.tp:
+            log.info("resumed a checkpoint of world %d (tp %d) on world %d (tp %d): weights and optimizer state "
+                     "were re-sharded", state["world_size"], state.get("tp", 1), self.world_size, self.tp)
+        return json.loads((directory / CLIENT_STATE_FILE).read_text())
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+# ---------------------------------------------------------------- registered names
+
+def _factory(layout_fn: Callable[[Any], Layout], validate: Callable | None = None):
+    def build(name, parallel, train, model_factory, num_training_steps, model_cfg=None) -> TorchNativeEngine:
+        if validate is not None:
+            validate(name, parallel, train)
+        return TorchNativeEngine(name, layout_fn(parallel), parallel, train, model_factory, num_training_steps,
+                                 model_cfg)
+    return build
+
+
+def _validate_tp(name, parallel, train) -> None:
+    if parallel.tp < 2:
+        raise ValueError(f"--plugin tp needs --tp 2 or more (got --tp {parallel.tp}); with --num_workers "
+                         f"{parallel.num_workers}, --tp {parallel.num_workers} puts every rank in one TP group")
+
+
+register_engine("ddp", doc="DistributedDataParallel; with --tp N, DTensor TP + replicated data parallelism")(
+    _factory(lambda p: Layout("ddp", tp=p.tp)))
+register_engine("fsdp", doc="FSDP2 fully_shard (ZeRO-3-like); with --tp N, FSDP2 + TP on a 2-D mesh")(
+    _factory(lambda p: Layout("fsdp", tp=p.tp)))
+register_engine("fsdp_cpu", doc="FSDP2 with CPU offload of sharded parameters, gradients and optimizer state")(
+    _factory(lambda p: Layout("fsdp", tp=p.tp, cpu_offload=True)))
+register_engine("tp", doc="DTensor tensor parallelism (Llama plan); dp groups average gradients",
+                validate=_validate_tp)(_factory(lambda p: Layout("ddp", tp=p.tp), _validate_tp))
+register_engine("3d", doc="ColossalAI HybridParallelPlugin's name, served by torch-native FSDP2 + TP")(
+    _factory(lambda p: Layout("fsdp", tp=p.tp)))

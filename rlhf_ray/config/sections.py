@@ -79,8 +79,10 @@ class CheckpointSection(Section):
 
     save_path: str = Field("output/model", description="directory for the final HF-format model")
     save_interval: int = Field(0, ge=0, description="save a resumable checkpoint every N optimizer steps; 0 = only at the end")
-    save_dir: str | None = Field(None, description="directory for resumable checkpoints; default <save_path>/checkpoints")
-    checkpoint_path: str | None = Field(None, description="resume from this checkpoint directory")
+    save_dir: str | None = Field(None, description="directory for resumable checkpoints (step_N/); default <save_path>-checkpoints, "
+                                                     "beside --save_path, which the final export replaces whole")
+    checkpoint_path: str | None = Field(None, description="resume from this checkpoint directory (a step_N/ "
+                                                              "directory, or a save_dir to take its latest)")
     config_file: str | None = Field(None, description="write the resolved config here (JSON, or YAML by suffix)")
 
 

@@ -50,14 +50,15 @@ def preference_rows(problems: list[Problem], seed: int = 0) -> list[dict]:
             for p in problems]
 
 
-def verifiable_preference_rows(n: int, seed: int = 0, max_operand: int = 20) -> list[dict]:
+def verifiable_preference_rows(n: int, seed: int = 0, max_operand: int = 5) -> list[dict]:
     """Pairs judged by consistency, which a tiny model can learn by copying rather than by doing arithmetic.
 
     Both responses show the same worked line ("3 + 5 = 8."); the chosen one ends with that result ("The answer is
     8."), the rejected one with a different number drawn uniformly from the same range ("The answer is 11."). A
     reward model only has to check that the final number repeats the one after "=" (a GSM8K-like "the final answer
-    matches the work" check). Sums of operands in 0..max_operand keep every number one token of the bundled
-    tokenizer (" 0" .. " 40"), so the two numbers sit at a fixed distance in every row.
+    matches the work" check). Sums of operands in 0..max_operand (up to 20) keep every number one token of the
+    bundled tokenizer (" 0" .. " 40"), so the two numbers sit at a fixed distance in every row. The default range
+    (sums 0..10) lets the tiny 'debug' model learn the check in ~150 steps; wider ranges need more steps.
     """
     rng = random.Random(seed)
     rows = []

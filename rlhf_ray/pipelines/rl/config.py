@@ -1,0 +1,422 @@
+"""The RL job's typed config: PPO and GRPO share every section; GRPO has no critic and other defaults.
+
+Sections (each field is a flag `--section.field`, and `--field` when the name is unique in the job):
+
+    model       the policy (and reference) model: --pretrain --tokenizer_dir --grad_checkpoint, LoRA
+    data        --prompt_dataset --pretrain_dataset --ptx_batch_size --conversation_template_config
+    rl          the episode schedule: --num_episodes --num_collect_steps --num_update_steps --experience_batch_size,
+                async mode and its --max_staleness
+    train       policy optimiser and batches: --train_batch_size --accumulation_steps --lr --mixed_precision ...
+    algorithm   estimator, policy loss, clipping, KL (in the reward or as a loss; fixed/adaptive), entropy, ptx
+    parallel    the policy group's layout: --plugin --num_workers --tp, resources, pool
+    critic      PPO only: --critic_pretrain --critic_lr and the critic's resources (it mirrors the policy layout)
+    reference   the reference group's resources
+    reward      where rewards come from (model | rule | gsm8k | arithmetic | remote) and the reward group's resources
+    placement   colocation (policy+reference, critic+reward, everything) and the generators' node pool
+    generator   the vLLM (or HF) generator group and sampling (rollout/config.py)
+    checkpoint, logging
+
+`check_rl_config` runs the checks that span sections, once, before any actor starts: above all the seed's buffer
+arithmetic (`BufferPlan`), refused with every number when it does not hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from rlhf_ray.config.base import ConfigError, JobConfig, Section
+from rlhf_ray.config.sections import (CheckpointSection, LoggingSection, MixedPrecision, ModelSection,
+                                      ParallelSection, TrainSection)
+from rlhf_ray.rollout.config import GeneratorSection
+
+RewardSourceName = Literal["model", "rule", "gsm8k", "arithmetic", "remote"]
+
+
+class RLDataSection(Section):
+    """Prompts to roll out (prepared --type prompt) and, for the ptx loss, pretraining rows (--type ptx)."""
+
+    prompt_dataset: list[str] = Field(default_factory=list,
+                                      description="required: prepared prompt data directories (`rlhf-ray prepare "
+                                                  "--type prompt`)")
+    pretrain_dataset: list[str] | None = Field(None, description="prepared ptx data (`--type ptx`) for the "
+                                                                 "pretraining loss; used when --ptx_coef > 0")
+    ptx_batch_size: int = Field(4, ge=1, description="ptx rows per micro-batch on each data-parallel rank")
+    conversation_template_config: str | None = Field(
+        None, description="the template JSON used by prepare; its stop_ids are added to the generators' stop "
+                          "tokens (the model's EOS always stops)")
+    shuffle: bool = Field(True, description="shuffle prompts each pass (order depends only on seed and pass)")
+
+
+class RLScheduleSection(Section):
+    """Episodes: collect experience, then update on it, then sync weights to the generators."""
+
+    num_episodes: int = Field(1, ge=1, description="episodes; each = collect, update, weight sync")
+    num_collect_steps: int = Field(1, ge=1, description="generation batches per episode")
+    num_update_steps: int = Field(1, ge=1, description="optimizer steps per episode, each over the whole buffer "
+                                                       "(PPO epochs)")
+    experience_batch_size: int = Field(8, ge=1, description="prompts per collect step on each data-parallel rank")
+    async_mode: bool = Field(False, description="generate the next episode's batch while the current one trains")
+    max_staleness: int = Field(1, ge=1, description="async mode: experience may be at most this many policy "
+                                                    "versions older than the policy that trains on it")
+    old_logprobs_source: Literal["policy", "rollout"] = Field(
+        "policy", description="policy: the policy group recomputes old log-probs (sync: while scoring; async: at "
+                              "the start of the update); rollout: use the generators' own log-probs")
+    forward_batch_size: int = Field(16, ge=1, description="rows per forward pass when scoring (log-probs, "
+                                                          "values, rewards)")
+
+
+class RLTrainSection(Section):
+    """The policy's optimiser and batch settings (the seed's names)."""
+
+    train_batch_size: int = Field(4, ge=1, description="samples per micro-batch on each data-parallel rank")
+    accumulation_steps: int = Field(2, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(9e-6, gt=0, description="policy peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int | None = Field(None, ge=0, description="linear warmup optimizer steps; default 2.5%% of "
+                                                             "num_episodes × num_update_steps")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm; 0 disables")
+    mixed_precision: MixedPrecision = Field("fp32", description="fp32, bf16, or fp16 with loss scaling")
+    seed: int = Field(42, description="seed for prompt order, model init and update shuffling")
+
+    def as_train_section(self, lr: float | None = None) -> TrainSection:
+        """The TrainSection a trainer worker understands (batch_size = train_batch_size)."""
+        return TrainSection(batch_size=self.train_batch_size, accumulation_steps=self.accumulation_steps,
+                            lr=lr if lr is not None else self.lr, weight_decay=self.weight_decay,
+                            warmup_steps=self.warmup_steps, grad_clip=self.grad_clip,
+                            mixed_precision=self.mixed_precision, seed=self.seed)
+
+
+class GRPOTrainSection(RLTrainSection):
+    """The policy's optimiser and batch settings (the seed's names); defaults fit GRPO's 4 samples per prompt."""
+
+    train_batch_size: int = Field(16, ge=1, description="samples per micro-batch on each data-parallel rank")
+
+
+class AlgorithmSection(Section):
+    """Advantages, losses and KL. Defaults are PPO's (GAE, KL in the reward)."""
+
+    advantage_estimator: str = Field("gae", description="gae | grpo | grpo_no_std | rloo | reinforce_plus_plus | "
+                                                        "reinforce_plus_plus_baseline")
+    norm_adv_by_std: bool = Field(True, description="divide advantages by their (group or batch) std")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    policy_loss: str = Field("ppo", description="ppo (clipped surrogate, optional dual clip) | gspo")
+    clip_ratio_low: float = Field(0.2, ge=0, lt=1, description="ratio clipped below at 1 - clip_ratio_low")
+    clip_ratio_high: float = Field(0.2, ge=0, description="ratio clipped above at 1 + clip_ratio_high")
+    dual_clip: float | None = Field(None, gt=1, description="dual-clip bound c > 1 for negative advantages; "
+                                                            "unset disables")
+    value_clip: float | None = Field(0.2, gt=0, description="critic value clip range; unset = plain MSE")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus coefficient")
+    ptx_coef: float = Field(0.0, ge=0, description="pretraining (ptx) loss coefficient")
+    kl_mode: Literal["reward", "loss"] = Field("reward", description="reward: per-token penalty in the reward; "
+                                                                     "loss: a KL term in the policy loss")
+    kl_coef: float = Field(0.1, ge=0, description="initial KL coefficient; 0 = no KL and no reference group")
+    kl_estimator: str | None = Field(None, description="k1 | k2 | k3 | low_var_kl | abs; default k1 in the "
+                                                       "reward, low_var_kl as a loss")
+    kl_ctrl_type: Literal["fixed", "adaptive"] = Field("fixed", description="fixed or adaptive (Ziegler et al.) "
+                                                                            "KL coefficient")
+    target_kl: float | None = Field(None, gt=0, description="adaptive: target summed KL per sequence")
+    kl_horizon: float = Field(10000.0, gt=0, description="adaptive: controller horizon in samples")
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = Field(
+        "token-mean", description="how token losses reduce to a scalar over the global batch")
+    score_clip: float | None = Field(None, gt=0, description="clip sequence scores to [-c, c] before shaping")
+
+    @field_validator("advantage_estimator")
+    @classmethod
+    def _known_estimator(cls, value: str) -> str:
+        from rlhf_ray.algorithms.advantages import ADVANTAGE_ESTIMATORS
+
+        ADVANTAGE_ESTIMATORS.get(value)        # ValueError listing the known names
+        return value
+
+    @field_validator("policy_loss")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        from rlhf_ray.algorithms.policy_loss import POLICY_LOSSES
+
+        POLICY_LOSSES.get(value)
+        return value
+
+    @field_validator("kl_estimator")
+    @classmethod
+    def _known_kl(cls, value: str | None) -> str | None:
+        from rlhf_ray.algorithms.kl import KL_ESTIMATORS
+
+        if value is not None:
+            KL_ESTIMATORS.get(value)
+        return value
+
+    @property
+    def resolved_kl_estimator(self) -> str:
+        return self.kl_estimator or ("k1" if self.kl_mode == "reward" else "low_var_kl")
+
+    @property
+    def needs_critic(self) -> bool:
+        from rlhf_ray.algorithms.advantages import CRITIC_ESTIMATORS
+
+        return self.advantage_estimator in CRITIC_ESTIMATORS
+
+    @property
+    def needs_groups(self) -> bool:
+        from rlhf_ray.algorithms.advantages import GROUP_ESTIMATORS
+
+        return self.advantage_estimator in GROUP_ESTIMATORS
+
+
+class GRPOAlgorithmSection(AlgorithmSection):
+    """Advantages, losses and KL. Defaults are GRPO's (group-normalised advantages, KL as a loss)."""
+
+    advantage_estimator: str = Field("grpo", description="grpo | grpo_no_std | rloo | reinforce_plus_plus | "
+                                                         "reinforce_plus_plus_baseline (no critic in this job)")
+    kl_mode: Literal["reward", "loss"] = Field("loss", description="loss: k3-style KL term in the policy loss "
+                                                                   "(GRPO); reward: per-token penalty")
+    kl_coef: float = Field(0.01, ge=0, description="initial KL coefficient; 0 = no KL and no reference group")
+
+
+class CriticSection(Section):
+    """The critic (PPO with GAE). It has the policy's layout (num_workers, tp, plugin) so that its data-parallel
+    shards line up with the replay buffer; its resources and learning rate are its own."""
+
+    critic_pretrain: str | None = Field(None, description="critic init; default the reward model "
+                                                          "(--rm_checkpoint_path / --rm_pretrain), else --pretrain")
+    critic_lr: float = Field(9e-6, gt=0, description="critic peak learning rate")
+    critic_cpus_per_worker: float = Field(1, gt=0, description="CPUs each critic rank reserves")
+    critic_gpus_per_worker: float = Field(0, ge=0, description="GPUs each critic rank reserves")
+    critic_pool: str | None = Field(None, description="node pool of the critic ranks")
+
+
+class ReferenceSection(Section):
+    """The frozen reference model (the initial policy): resources of its inference group."""
+
+    ref_num_workers: int = Field(1, ge=1, description="reference workers (the batch is split among them)")
+    ref_cpus_per_worker: float = Field(1, gt=0, description="CPUs each reference worker reserves")
+    ref_gpus_per_worker: float = Field(0, ge=0, description="GPUs each reference worker reserves")
+    ref_pool: str | None = Field(None, description="node pool of the reference workers")
+
+
+class RewardSection(Section):
+    """Where rewards come from, and the reward-model group's resources when it is a model."""
+
+    reward_source: RewardSourceName | None = Field(
+        None, description="model | rule | gsm8k | arithmetic | remote; default: rule with --reward_fn, remote with "
+                          "--reward_url, model with --rm_pretrain / --rm_checkpoint_path")
+    rm_pretrain: str | None = Field(None, description="reward model directory (HF; a `rlhf-ray rm` output loads "
+                                                      "with its head)")
+    rm_checkpoint_path: str | None = Field(None, description="trained reward model (`rlhf-ray rm --save_path`); "
+                                                             "its weights win over --rm_pretrain")
+    rm_append_end: bool = Field(True, description="score prompt + response + the template's assistant line end "
+                                                  "(a trailing stop token replaced), as prepare rendered the reward "
+                                                  "model's training pairs; false: the tokens as generated")
+    reward_fn: str | None = Field(None, description="rule reward: path/to/file.py:function(prompt, response, "
+                                                    "gt_answer)")
+    reward_url: str | None = Field(None, description="remote reward: the scoring endpoint (http://...)")
+    reward_timeout_s: float = Field(60.0, gt=0, description="remote reward: seconds per request")
+    reward_retries: int = Field(3, ge=0, description="remote reward: retries after a failed request")
+    reward_num_workers: int = Field(1, ge=1, description="reward-model workers (the batch is split among them)")
+    reward_cpus_per_worker: float = Field(1, gt=0, description="CPUs each reward-model worker reserves")
+    reward_gpus_per_worker: float = Field(0, ge=0, description="GPUs each reward-model worker reserves")
+    reward_pool: str | None = Field(None, description="node pool of the reward-model workers")
+
+    @property
+    def rm_path(self) -> str | None:
+        return self.rm_checkpoint_path or self.rm_pretrain
+
+    def resolved_source(self) -> str:
+        if self.reward_source is not None:
+            return self.reward_source
+        if self.reward_fn:
+            return "rule"
+        if self.reward_url:
+            return "remote"
+        if self.rm_path:
+            return "model"
+        raise ConfigError("no reward source: give --reward_fn file.py:function (rule), --rm_checkpoint_path DIR "
+                          "(reward model), --reward_url URL (remote), or --reward_source gsm8k / arithmetic")
+
+
+class RLCheckpointSection(CheckpointSection):
+    """Where and when to save (per episode), and what to resume from."""
+
+    save_path: str = Field("output/rl", description="directory for the final HF-format policy (the critic goes "
+                                                    "to <save_path>-critic)")
+    save_interval: int = Field(0, ge=0, description="save a resumable checkpoint every N episodes; 0 = only at "
+                                                    "the end")
+
+
+class PlacementSection(Section):
+    """Colocation of roles on shared placement-group bundles, and the generators' node pool."""
+
+    colocate_policy_reference: bool = Field(False, description="policy and reference share bundles "
+                                                               "(time-share the same CPUs/GPUs)")
+    colocate_critic_reward: bool = Field(False, description="critic and reward model share bundles")
+    colocate_all: bool = Field(False, description="every role, generators included, on the same bundles")
+    generator_pool: str | None = Field(None, description="node pool of the generator engines")
+
+
+class GRPOGeneratorSection(GeneratorSection):
+    """The rollout generator group: N engines (vLLM or transformers), sampling settings and weight sync."""
+
+    n_samples_per_prompt: int = Field(4, ge=1, description="completions per prompt (the GRPO group size)")
+
+
+class PPOConfig(JobConfig):
+    model: ModelSection = ModelSection()
+    data: RLDataSection = RLDataSection()
+    rl: RLScheduleSection = RLScheduleSection()
+    train: RLTrainSection = RLTrainSection()
+    algorithm: AlgorithmSection = AlgorithmSection()
+    parallel: ParallelSection = ParallelSection()
+    critic: CriticSection = CriticSection()
+    reference: ReferenceSection = ReferenceSection()
+    reward: RewardSection = RewardSection()
+    placement: PlacementSection = PlacementSection()
+    generator: GeneratorSection = GeneratorSection()
+    checkpoint: RLCheckpointSection = RLCheckpointSection()
+    logging: LoggingSection = LoggingSection()
+
+
+class GRPOConfig(JobConfig):
+    model: ModelSection = ModelSection()
+    data: RLDataSection = RLDataSection()
+    rl: RLScheduleSection = RLScheduleSection()
+    train: GRPOTrainSection = GRPOTrainSection()
+    algorithm: GRPOAlgorithmSection = GRPOAlgorithmSection()
+    parallel: ParallelSection = ParallelSection()
+    reference: ReferenceSection = ReferenceSection()
+    reward: RewardSection = RewardSection()
+    placement: PlacementSection = PlacementSection()
+    generator: GRPOGeneratorSection = GRPOGeneratorSection()
+    checkpoint: RLCheckpointSection = RLCheckpointSection()
+    logging: LoggingSection = LoggingSection()
+
+
+RLConfig = PPOConfig | GRPOConfig
+
+
+# ---------------------------------------------------------------- cross-section checks
+
+
+@dataclass(frozen=True)
+class BufferPlan:
+    """The seed's buffer arithmetic, per episode:
+
+        experience buffer = dp × num_collect_steps × experience_batch_size × n_samples_per_prompt
+                          = train_batch_size × accumulation_steps × dp
+
+    (n_samples_per_prompt is 1 in the seed's PPO). dp = num_workers / tp, the data-parallel groups of the policy.
+    One update step is one optimizer step over the whole buffer, so both sides must be equal.
+    """
+
+    dp: int
+    tp: int
+    num_collect_steps: int
+    experience_batch_size: int
+    n_samples_per_prompt: int
+    train_batch_size: int
+    accumulation_steps: int
+
+    @classmethod
+    def from_config(cls, cfg: RLConfig) -> "BufferPlan":
+        return cls(dp=cfg.parallel.dp, tp=cfg.parallel.tp, num_collect_steps=cfg.rl.num_collect_steps,
+                   experience_batch_size=cfg.rl.experience_batch_size,
+                   n_samples_per_prompt=cfg.generator.n_samples_per_prompt,
+                   train_batch_size=cfg.train.train_batch_size, accumulation_steps=cfg.train.accumulation_steps)
+
+    @property
+    def prompts_per_collect(self) -> int:
+        """Prompts one collect step sends to the generators (all dp ranks together)."""
+        return self.dp * self.experience_batch_size
+
+    @property
+    def samples_per_collect(self) -> int:
+        return self.prompts_per_collect * self.n_samples_per_prompt
+
+    @property
+    def buffer_samples(self) -> int:
+        return self.samples_per_collect * self.num_collect_steps
+
+    @property
+    def train_samples(self) -> int:
+        return self.train_batch_size * self.accumulation_steps * self.dp
+
+    @property
+    def samples_per_rank(self) -> int:
+        return self.train_batch_size * self.accumulation_steps
+
+    def equation(self) -> str:
+        n = f" × n_samples_per_prompt ({self.n_samples_per_prompt})" if self.n_samples_per_prompt > 1 else ""
+        return (f"experience buffer = dp ({self.dp}) × num_collect_steps ({self.num_collect_steps}) × "
+                f"experience_batch_size ({self.experience_batch_size}){n} = {self.buffer_samples} samples; "
+                f"train batch = train_batch_size ({self.train_batch_size}) × accumulation_steps "
+                f"({self.accumulation_steps}) × dp ({self.dp}) = {self.train_samples} samples "
+                f"(dp = num_workers / tp = {self.dp * self.tp} / {self.tp})")
+
+    def check(self) -> None:
+        if self.buffer_samples == self.train_samples:
+            return
+        per_rank = self.num_collect_steps * self.experience_batch_size * self.n_samples_per_prompt
+        fixes = [f"--accumulation_steps {per_rank // self.train_batch_size}"
+                 if per_rank % self.train_batch_size == 0 else None,
+                 f"--train_batch_size {per_rank // self.accumulation_steps}"
+                 if per_rank % self.accumulation_steps == 0 else None]
+        fix = " or ".join(f for f in fixes if f) or "change num_collect_steps / experience_batch_size"
+        raise ConfigError(f"the buffer arithmetic does not hold: {self.equation()}; they must be equal (one update "
+                          f"step is one optimizer step over the whole buffer). Try {fix}")
+
+
+def check_rl_config(cfg: RLConfig, job: str) -> list[str]:
+    """Checks across sections; raises ConfigError naming the flags. Returns derived decisions to print."""
+    notes: list[str] = []
+    if not cfg.model.pretrain:
+        raise ConfigError("--pretrain is required: the initial policy (an HF model directory)")
+    for flag, path in (("--pretrain", cfg.model.pretrain), ("--rm_checkpoint_path", cfg.reward.rm_checkpoint_path),
+                       ("--rm_pretrain", cfg.reward.rm_pretrain),
+                       ("--critic_pretrain", getattr(getattr(cfg, "critic", None), "critic_pretrain", None))):
+        if path and not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"{flag} {path}: no config.json there; give an HF model directory (a `rlhf-ray sft` / "
+                              f"`rlhf-ray rm` --save_path works)")
+    if not cfg.data.prompt_dataset:
+        raise ConfigError("--prompt_dataset is required: prepared prompts (`rlhf-ray prepare --type prompt`)")
+    algo, gen = cfg.algorithm, cfg.generator
+    if algo.needs_critic and not hasattr(cfg, "critic"):
+        raise ConfigError(f"advantage_estimator={algo.advantage_estimator!r} needs a critic, which `rlhf-ray {job}` "
+                          f"does not run; use `rlhf-ray ppo`, or --advantage_estimator grpo / rloo / "
+                          f"reinforce_plus_plus")
+    if algo.needs_groups and gen.n_samples_per_prompt < 2:
+        raise ConfigError(f"advantage_estimator={algo.advantage_estimator!r} needs n_samples_per_prompt > 1 (got "
+                          f"{gen.n_samples_per_prompt}); set --n_samples_per_prompt 4 or more")
+    if gen.temperature <= 0:
+        raise ConfigError(f"--temperature {gen.temperature}: RL needs sampled rollouts whose log-probs the policy "
+                          f"can recompute; set a temperature > 0 (1.0 is usual)")
+    if algo.kl_ctrl_type == "adaptive" and algo.target_kl is None:
+        raise ConfigError("--kl_ctrl_type adaptive needs --target_kl (e.g. 6.0, summed KL per sequence)")
+    if algo.kl_ctrl_type == "adaptive" and algo.kl_mode != "reward":
+        raise ConfigError("--kl_ctrl_type adaptive steers the KL penalty in the reward; use it with --kl_mode reward")
+    source = cfg.reward.resolved_source()
+    if source == "model" and not cfg.reward.rm_path:
+        raise ConfigError("--reward_source model needs --rm_checkpoint_path (a `rlhf-ray rm` output) or --rm_pretrain")
+    if source == "rule" and not cfg.reward.reward_fn:
+        raise ConfigError("--reward_source rule needs --reward_fn path/to/file.py:function")
+    if source == "remote" and not cfg.reward.reward_url:
+        raise ConfigError("--reward_source remote needs --reward_url http://host:port/path")
+    if source != "model" and cfg.placement.colocate_critic_reward:
+        raise ConfigError(f"--colocate_critic_reward needs a reward-model group, but --reward_source is {source!r}")
+    if algo.ptx_coef > 0 and not cfg.data.pretrain_dataset:
+        raise ConfigError(f"--ptx_coef {algo.ptx_coef} needs --pretrain_dataset (prepared with --type ptx)")
+    BufferPlan.from_config(cfg).check()
+    if cfg.data.pretrain_dataset and algo.ptx_coef == 0:
+        notes.append("--pretrain_dataset is given but --ptx_coef is 0: no ptx loss is computed")
+    if algo.kl_coef == 0:
+        notes.append("kl_coef is 0: no KL term and no reference group")
+    if cfg.rl.async_mode and cfg.rl.old_logprobs_source == "policy":
+        notes.append("async mode: the policy recomputes old log-probs at the start of each update (the policy is "
+                     "busy training while the next batch is scored)")
+    if hasattr(cfg, "critic") and not algo.needs_critic:
+        notes.append(f"advantage_estimator={algo.advantage_estimator!r} needs no critic: no critic group is started")
+    if cfg.checkpoint.save_interval == 0:
+        notes.append("save_interval 0: one resumable checkpoint at the end")
+    return notes

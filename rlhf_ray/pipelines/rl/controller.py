@@ -1,0 +1,279 @@
+"""The RL controller: one episode reads like the algorithm. PPO and GRPO (RLOO, REINFORCE++) share it; they differ
+only in the estimator, the KL placement and whether a critic exists.
+
+    episode e (the policy is at version e: the number of weight syncs so far)
+      1. collect, num_collect_steps times:
+         1a generate     dp × experience_batch_size prompts -> generator group (vLLM) -> n samples per prompt,
+                         token ids + sampler log-probs, stamped with the engines' policy version
+         1b experience   padded into an Experience (prompt left-padded | response right-padded)
+         1c score        in parallel: reward (model group / rule / remote), reference log-probs, critic values,
+                         policy old log-probs
+         1d advantages   KL (k1/k2/k3...; in the reward or left to the loss; fixed/adaptive coefficient), token
+                         rewards, advantages and returns (GAE, GRPO, RLOO, REINFORCE++)
+         1e buffer       split per policy dp rank into the replay-buffer shards (each chunk ray.put once)
+      2. update          policy (and critic) ranks receive their shard's object refs and run num_update_steps
+                         optimizer steps (clipped PPO loss, dual clip, value clip, entropy, KL loss, ptx)
+      3. weight sync     policy -> generators, version e + 1
+      4. log             reward, KL, returns, advantages, losses, clip fractions, lengths, timing/<phase>
+    async mode: stage 1 of episode e + 1 runs in a background thread (async_mode.py) during stages 2-3 of e.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ray
+import torch
+
+from rlhf_ray.buffer import ReplayBuffer
+from rlhf_ray.checkpoint.atomic import atomic_directory
+from rlhf_ray.config.base import ConfigError
+from rlhf_ray.pipelines.rl.async_mode import AsyncCollector
+from rlhf_ray.pipelines.rl.config import BufferPlan
+from rlhf_ray.pipelines.rl.experience import (AdvantageSettings, build_experience, finalize_experience,
+                                              kl_controller_from, reward_model_inputs, scoring_batch)
+from rlhf_ray.pipelines.rl.metrics import merge_update_results, staleness_metrics
+from rlhf_ray.rewards.base import summarize_rewards
+from rlhf_ray.telemetry.timers import Timers
+from rlhf_ray.workers.group import split_evenly
+
+RL_STATE_FILE = "rl_state.json"
+CONFIG_BESIDE_CHECKPOINT = "rlhf_ray_config.json"
+
+
+def split_call(group, method: str, batch: dict, **kwargs) -> list:
+    """Rows of `batch` split evenly over the group's dp ranks (every rank of a dp group gets the same rows);
+    returns one ref per dp group (its first tp rank's), in row order."""
+    rows = list(range(batch["sequences"].shape[0]))
+    refs = []
+    for dp_rank, ix in enumerate(split_evenly(rows, group.dp_size)):
+        if not ix:
+            continue
+        shard = ray.put({"sequences": batch["sequences"][ix], "attention_mask": batch["attention_mask"][ix],
+                         "response_len": batch["response_len"]})
+        ranks = range(dp_rank * group.tp_size, (dp_rank + 1) * group.tp_size)
+        calls = [getattr(group.workers[rank], method).remote(shard, **kwargs) for rank in ranks]
+        refs.append(calls[0])
+    return refs
+
+
+class RLController:
+    """Runs the episodes over started role groups (groups.py); built by run_rl once every check has passed.
+
+    Owns the replay buffer (one shard per policy dp rank, room for max_staleness + 1 episodes in async mode), the
+    KL controller and the policy version. `resume` restores a checkpoint; `run` does the episodes; `export` writes
+    the HF policy (and critic).
+    """
+
+    def __init__(self, cfg, job: str, groups, data, tokenizer, reward_source, tracker, template_ids) -> None:
+        self.cfg, self.job, self.groups, self.data = cfg, job, groups, data
+        self.template_ids = template_ids
+        self.tokenizer, self.reward_source, self.tracker = tokenizer, reward_source, tracker
+        self.plan = BufferPlan.from_config(cfg)
+        self.settings = AdvantageSettings.from_algorithm(cfg.algorithm)
+        self.kl_ctl = kl_controller_from(cfg.algorithm)
+        self.temperature = cfg.generator.temperature
+        depth = cfg.rl.max_staleness + 1 if cfg.rl.async_mode else 1
+        self.buffer = ReplayBuffer(num_shards=self.plan.dp, capacity_per_shard=self.plan.samples_per_rank * depth,
+                                   pad_token_id=tokenizer.pad_token_id, name=f"{job}-experience")
+        self.version = 0                   # policy version = weight syncs so far; episode e trains at version e
+        self.start_episode = 0
+        self.startup_metrics: dict[str, float] = {}   # timing/startup etc., logged with the first episode
+        self._text_scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+
+    # ------------------------------------------------------------ 1. collect
+    def collect_episode(self, episode: int) -> dict[str, float]:
+        timers, sums = Timers(), {}
+        steps = self.cfg.rl.num_collect_steps
+        for step in range(steps):
+            index = episode * steps + step                  # the run's collect-step number: data and seeds
+            rows = self.data.prompt_rows(index, self.plan.prompts_per_collect)
+            with timers("generate"):                                                    # 1a
+                rollouts = self.groups.generators.generate([row["input_ids"] for row in rows], seed_offset=index)
+            with timers("make_experience"):                                             # 1b
+                experience = build_experience(rollouts.rollouts, self.tokenizer.pad_token_id)
+            with timers("score"):                                                       # 1c
+                metrics = self.score(experience, rollouts.rollouts, rows)
+            with timers("advantage"):                                                   # 1d
+                experience, advantage_metrics = finalize_experience(experience, self.settings, self.kl_ctl.value)
+                if "reward/kl_sum" in advantage_metrics and self.settings.kl_mode == "reward":
+                    self.kl_ctl.update(advantage_metrics["reward/kl_sum"], experience.batch_size)
+            with timers("buffer_put"):                                                  # 1e
+                self.buffer.put(experience)
+            for key, value in {**rollouts.metrics(), **metrics, **advantage_metrics}.items():
+                sums[key] = sums.get(key, 0.0) + value / steps
+        return {**sums, **timers.metrics()}
+
+    def score(self, experience, rollouts, rows: list[dict]) -> dict[str, float]:
+        """Stage 1c: every scorer starts before any result is awaited. Sets scores, ref_logprobs, values,
+        old_logprobs on `experience`; returns the reward metrics."""
+        groups, batch = self.groups, scoring_batch(experience)
+        if groups.reward is not None:
+            rm_rows = (experience.sequences, experience.attention_mask)
+            if self.cfg.reward.rm_append_end:
+                rm_rows = reward_model_inputs(experience, self.template_ids.stop_ids, self.template_ids.end_ids,
+                                              self.tokenizer.pad_token_id)
+            reward_refs = self.reward_source.score_tokens_async(*rm_rows)
+        else:
+            prompts, responses, answers = self._texts(rollouts, rows)
+            reward_future = self._text_scorer.submit(self.reward_source.score, prompts, responses, answers)
+        pending = {}
+        if groups.reference is not None:
+            pending["ref_logprobs"] = split_call(groups.reference, "compute_response_logprobs", batch,
+                                                 temperature=self.temperature)
+        if groups.critic is not None:
+            pending["values"] = split_call(groups.critic, "compute_response_values", batch)
+        recompute = self.cfg.rl.old_logprobs_source == "policy"
+        if recompute and not self.cfg.rl.async_mode:
+            pending["old_logprobs"] = split_call(groups.policy, "compute_response_logprobs", batch,
+                                                 temperature=self.temperature)
+        for name, refs in pending.items():
+            setattr(experience, name, torch.cat(ray.get(refs)))
+        if groups.reward is not None:
+            scores = self.reward_source.collect(reward_refs)
+            metrics = summarize_rewards(scores.tolist())
+        else:
+            result = reward_future.result()
+            scores, metrics = torch.tensor(result.rewards, dtype=torch.float32), dict(result.metrics)
+        experience.scores = scores
+        mask = experience.response_mask.bool()
+        if experience.old_logprobs is not None:
+            # The sampler's and the trainer's log-probs of the same tokens: ~0 when both run the same weights.
+            gap = (experience.old_logprobs - experience.rollout_logprobs).abs()[mask]
+            metrics["rollout/logprob_gap_mean"] = gap.mean().item() if gap.numel() else 0.0
+        elif not recompute:
+            experience.old_logprobs = experience.rollout_logprobs.clone()
+        return metrics
+
+    def _texts(self, rollouts, rows: list[dict]) -> tuple[list[str], list[str], list]:
+        prompts, responses, answers = [], [], []
+        for rollout in rollouts:
+            prompt = self.tokenizer.decode(rollout.prompt_ids, skip_special_tokens=True)
+            for sample in rollout.samples:
+                prompts.append(prompt)
+                responses.append(sample.text)
+                answers.append(rows[rollout.prompt_index].get("gt_answer"))
+        return prompts, responses, answers
+
+    # ------------------------------------------------------------ 2. update, 3. weight sync
+    def update_episode(self, episode: int) -> dict[str, float]:
+        timers, policy, critic = Timers(), self.groups.policy, self.groups.critic
+        with timers("update"):                                                          # 2
+            taken = ray.get([shard.take.remote(self.plan.samples_per_rank) for shard in self.buffer.shards])
+            held = [sum(n for _, n, _ in entries) for entries in taken]
+            if any(n != self.plan.samples_per_rank for n in held):
+                raise RuntimeError(f"buffer shards held {held} samples; each dp rank needs "
+                                   f"{self.plan.samples_per_rank} for one episode")
+            chunks = [[wrapped for wrapped, _, _ in entries] for entries in taken]
+            seed = self.cfg.train.seed * 1_000 + episode
+            ptx = self._ptx_per_dp_rank(episode)
+            refs = [worker.ppo_update.remote(chunks[policy.dp_rank(rank)], ptx[policy.dp_rank(rank)],
+                                             self.cfg.rl.num_update_steps, seed)
+                    for rank, worker in enumerate(policy.workers)]
+            critic_refs = [] if critic is None else [
+                worker.critic_update.remote(chunks[critic.dp_rank(rank)], self.cfg.rl.num_update_steps, seed)
+                for rank, worker in enumerate(critic.workers)]
+            metrics = merge_update_results(ray.get(refs), policy.tp_size, "policy")
+            if critic is not None:
+                metrics.update(merge_update_results(ray.get(critic_refs), critic.tp_size, "critic"))
+        metrics.update(staleness_metrics([v for entries in taken for _, _, v in entries],
+                                         [n for entries in taken for _, n, _ in entries], self.version))
+        with timers("weight_sync"):                                                     # 3
+            metrics.update(self.groups.generators.sync_weights_from(policy, version=self.version + 1))
+        self.version += 1
+        return {**metrics, **timers.metrics()}
+
+    def _ptx_per_dp_rank(self, episode: int) -> list:
+        dp = self.plan.dp
+        if self.data.ptx is None:
+            return [None] * dp
+        per_rank = self.cfg.rl.num_update_steps * self.cfg.train.accumulation_steps * self.cfg.data.ptx_batch_size
+        return [ray.put(self.data.ptx_rows(episode, per_rank, rank, dp)) for rank in range(dp)]
+
+    # ------------------------------------------------------------ the run
+    def run(self) -> None:
+        cfg = self.cfg
+        collector = None
+        if cfg.rl.async_mode:
+            collector = AsyncCollector(self.collect_episode, self.start_episode, cfg.rl.num_episodes,
+                                       cfg.rl.max_staleness, self.version).start()
+        try:
+            for episode in range(self.start_episode, cfg.rl.num_episodes):
+                start = time.perf_counter()
+                collected = collector.next(episode) if collector else self.collect_episode(episode)
+                updated = self.update_episode(episode)
+                if collector:
+                    collector.set_version(self.version)
+                seconds = time.perf_counter() - start
+                metrics = {**collected, **updated, "timing/episode": seconds, "rl/policy_version": self.version,
+                           "reward/kl_coef": self.kl_ctl.value,
+                           "perf/samples_per_s": self.plan.buffer_samples / max(seconds, 1e-9),
+                           **self.startup_metrics}
+                if (episode + 1) % cfg.logging.log_interval == 0 or episode + 1 == cfg.rl.num_episodes:
+                    self.tracker.log(metrics, step=episode + 1)
+                    self.startup_metrics = {}
+                if cfg.checkpoint.save_interval and (episode + 1) % cfg.checkpoint.save_interval == 0:
+                    print(f"[{self.job}] checkpoint -> {self.save_checkpoint(episode + 1)}", flush=True)
+        finally:
+            if collector:
+                collector.stop()
+        done, interval = cfg.rl.num_episodes, cfg.checkpoint.save_interval
+        if self.start_episode < done and not (interval and done % interval == 0):
+            print(f"[{self.job}] checkpoint -> {self.save_checkpoint(done)}", flush=True)
+
+    # ------------------------------------------------------------ checkpoints and export
+    def checkpoint_dir(self) -> Path:
+        from rlhf_ray.pipelines.supervised import checkpoint_dir
+
+        return checkpoint_dir(self.cfg)
+
+    def _state(self, episodes_done: int) -> dict:
+        return {"episode": episodes_done, "policy_version": self.version, "kl_coef": self.kl_ctl.value,
+                "job": self.job, "seed": self.cfg.train.seed, "samples_per_rank": self.plan.samples_per_rank,
+                "prompts_per_collect": self.plan.prompts_per_collect}
+
+    def save_checkpoint(self, episodes_done: int) -> Path:
+        """step_<episodes>/ {policy/, critic/, rl_state.json, config}: written atomically (COMPLETE marker)."""
+        directory = self.checkpoint_dir() / f"step_{episodes_done}"
+        state = self._state(episodes_done)
+        with atomic_directory(directory) as tmp:
+            for name, group in (("policy", self.groups.policy), ("critic", self.groups.critic)):
+                if group is not None:
+                    group.call_all("save_checkpoint", str(tmp / name), state)
+            (tmp / RL_STATE_FILE).write_text(json.dumps(state, indent=2))
+            self.cfg.save(tmp / CONFIG_BESIDE_CHECKPOINT)
+        return directory
+
+    def resume(self, directory: Path) -> None:
+        """Restore policy/critic (model, optimizer, scheduler, RNG), KL coefficient and episode; push the restored
+        weights to the generators under the saved policy version."""
+        state = json.loads((directory / RL_STATE_FILE).read_text())
+        now = self._state(state["episode"])
+        for key in ("seed", "samples_per_rank", "prompts_per_collect"):
+            if state.get(key) != now[key]:
+                raise ConfigError(f"--checkpoint_path {directory}: written with {key}={state.get(key)}, this run has "
+                                  f"{key}={now[key]}; resume with the same seed and batch layout")
+        for name, group in (("policy", self.groups.policy), ("critic", self.groups.critic)):
+            if group is not None:
+                if not (directory / name).is_dir():
+                    raise ConfigError(f"--checkpoint_path {directory}: no {name}/ checkpoint inside")
+                group.call_all("load_checkpoint", str(directory / name))
+        self.kl_ctl.load_state_dict({"value": state["kl_coef"]})
+        self.version, self.start_episode = int(state["policy_version"]), int(state["episode"])
+        self.groups.generators.sync_weights_from(self.groups.policy, version=self.version)
+
+    def export(self) -> Path:
+        """The final policy as a plain HF directory (and the critic beside it, `<save_path>-critic`)."""
+        save_path = Path(self.cfg.checkpoint.save_path)
+        self.groups.policy.call_all("save_hf", str(save_path))
+        if self.groups.critic is not None:
+            self.groups.critic.call_all("save_hf", str(save_path.with_name(save_path.name + "-critic")))
+        self.cfg.save(save_path / CONFIG_BESIDE_CHECKPOINT)
+        return save_path
+
+    def shutdown(self) -> None:
+        self._text_scorer.shutdown(wait=False)
+        self.buffer.shutdown()

@@ -1,0 +1,147 @@
+"""Starting the RL roles' actor groups on their planned bundles, and stopping them.
+
+Each worker is handed only its own sections (model, train, parallel) and, for the trainable roles, the loss
+settings. Frozen roles (reference, reward) join no process group: their ranks score independent slices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhf_ray.config.sections import ModelSection, ParallelSection
+from rlhf_ray.pipelines.rl.roles import RolePlan
+from rlhf_ray.workers.rl_objectives import RLLossSettings
+
+
+@dataclass
+class RoleGroups:
+    policy: Any                      # WorkerGroup of RLWorker
+    generators: Any                  # GeneratorGroup
+    critic: Any | None = None
+    reference: Any | None = None
+    reward: Any | None = None
+    placement_groups: dict[str, Any] = field(default_factory=dict)
+
+    def trainers(self) -> list[Any]:
+        return [g for g in (self.policy, self.critic) if g is not None]
+
+    def shutdown(self) -> None:
+        from rlhf_ray.pipelines.rl.roles import release_bundles
+
+        for group in (self.generators, self.policy, self.critic, self.reference, self.reward):
+            if group is not None:
+                group.shutdown()
+        release_bundles(self.placement_groups)
+
+
+def active_roles(cfg) -> list[str]:
+    roles = ["policy"]
+    if hasattr(cfg, "critic") and cfg.algorithm.needs_critic:
+        roles.append("critic")
+    if cfg.algorithm.kl_coef > 0:
+        roles.append("reference")
+    if cfg.reward.resolved_source() == "model":
+        roles.append("reward")
+    return roles + ["generator"]
+
+
+def loss_settings(cfg) -> RLLossSettings:
+    algo = cfg.algorithm
+    return RLLossSettings(policy_loss=algo.policy_loss, clip_ratio_low=algo.clip_ratio_low,
+                          clip_ratio_high=algo.clip_ratio_high, dual_clip=algo.dual_clip, value_clip=algo.value_clip,
+                          entropy_coef=algo.entropy_coef,
+                          kl_loss_coef=algo.kl_coef if algo.kl_mode == "loss" else 0.0,
+                          kl_estimator=algo.resolved_kl_estimator, ptx_coef=algo.ptx_coef,
+                          loss_agg_mode=algo.loss_agg_mode, temperature=cfg.generator.temperature)
+
+
+def critic_model_path(cfg) -> str:
+    return cfg.critic.critic_pretrain or cfg.reward.rm_path or cfg.model.pretrain
+
+
+def _group(worker_cls, spec, placement, name: str, kwargs: dict):
+    """Create the actors (without waiting for them); trainer groups join a process group later."""
+    from rlhf_ray.workers.group import WorkerGroup
+
+    return WorkerGroup(worker_cls, spec, name=name, worker_kwargs=kwargs, placement=placement,
+                       bundle_indices=list(range(spec.num_workers)), setup_distributed=False)
+
+
+def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator_section) -> RoleGroups:
+    """Start every active role; returns once all models are loaded and the engines are ready.
+
+    Every actor is created before anything waits on one (actor start-up, mostly imports, then overlaps across
+    roles); the trainer groups join their process groups only after the generator engines are up.
+    """
+    import ray
+
+    from rlhf_ray.rollout.group import GeneratorGroup
+    from rlhf_ray.workers.rl_actor import RLWorker
+
+    pg = {role: placement_groups[plan.set_of(role)] for role in plan.specs}
+    steps = cfg.rl.num_episodes * cfg.rl.num_update_steps
+    common = {"forward_batch_size": cfg.rl.forward_batch_size}
+    train = cfg.train.as_train_section().model_dump()
+    losses = loss_settings(cfg).to_dict()
+    groups = RoleGroups(policy=None, generators=None, placement_groups=placement_groups)
+    try:
+        groups.policy = _group(RLWorker, plan.specs["policy"], pg["policy"], "policy",
+                               {"model": cfg.model.model_dump(), "train": train, "parallel": cfg.parallel.model_dump(),
+                                "loss": losses, **common})
+        if "critic" in plan.specs:
+            critic_parallel = cfg.parallel.model_copy(update={
+                "cpus_per_worker": cfg.critic.critic_cpus_per_worker,
+                "gpus_per_worker": cfg.critic.critic_gpus_per_worker, "pool": cfg.critic.critic_pool})
+            critic_model = cfg.model.model_copy(update={"pretrain": critic_model_path(cfg),
+                                                        "tokenizer_dir": cfg.model.resolved_tokenizer_dir()})
+            groups.critic = _group(RLWorker, plan.specs["critic"], pg["critic"], "critic",
+                                   {"model": critic_model.model_dump(),
+                                    "train": cfg.train.as_train_section(lr=cfg.critic.critic_lr).model_dump(),
+                                    "parallel": critic_parallel.model_dump(), "loss": losses,
+                                    "model_kind": "value", **common})
+        if "reference" in plan.specs:
+            ref = cfg.reference
+            groups.reference = _group(RLWorker, plan.specs["reference"], pg["reference"], "reference",
+                                      {"model": cfg.model.model_dump(), "train": train,
+                                       "parallel": _frozen_parallel(ref.ref_num_workers, ref.ref_cpus_per_worker,
+                                                                    ref.ref_gpus_per_worker),
+                                       "frozen": True, **common})
+        if "reward" in plan.specs:
+            rw = cfg.reward
+            rm_model = ModelSection(pretrain=rw.rm_path, use_flash_attn=cfg.model.use_flash_attn)
+            groups.reward = _group(RLWorker, plan.specs["reward"], pg["reward"], "reward",
+                                   {"model": rm_model.model_dump(), "train": train,
+                                    "parallel": _frozen_parallel(rw.reward_num_workers, rw.reward_cpus_per_worker,
+                                                                 rw.reward_gpus_per_worker),
+                                    "model_kind": "value", "frozen": True, **common})
+        spec = plan.specs["generator"]
+        section = generator_section.model_copy(update={"cpus_per_engine": spec.cpus_per_worker})
+        groups.generators = GeneratorGroup(section, cfg.model.pretrain,
+                                           tokenizer_dir=cfg.model.resolved_tokenizer_dir(),
+                                           placement=pg["generator"], bundle_indices=list(range(spec.num_workers)),
+                                           gpus_per_engine=spec.gpus_per_worker)
+        for group in groups.trainers():
+            _join_process_group(group)
+        builds = [groups.policy.call_all_async("build", steps)]
+        builds += [groups.critic.call_all_async("build", steps)] if groups.critic is not None else []
+        builds += [g.call_all_async("build", 1) for g in (groups.reference, groups.reward) if g is not None]
+        for build in builds:
+            ray.get(build)
+    except BaseException:
+        groups.shutdown()
+        raise
+    return groups
+
+
+def _join_process_group(group) -> None:
+    """What WorkerGroup(setup_distributed=True) does at construction: rank 0 publishes an address, all join."""
+    import ray
+
+    if group.world_size > 1:
+        address, port = ray.get(group.workers[0].rendezvous_address.remote())
+        group.call_all("setup_distributed", address, port, None)
+
+
+def _frozen_parallel(num_workers: int, cpus: float, gpus: float) -> dict:
+    return ParallelSection(num_workers=num_workers, cpus_per_worker=cpus, gpus_per_worker=gpus).model_dump()

@@ -1,0 +1,244 @@
+"""The driver side of a supervised job once its inputs are checked: groups, the step loop, eval, checkpoints.
+
+    run = SupervisedRun(cfg, job, plan, train_rows, eval_rows, prog)
+    run.run(resume_from)      # plan check -> groups -> [restore] -> steps (eval, save) -> checkpoint + HF export
+
+One optimizer step, as the driver sees it:
+
+    1. data       rows of this global batch (epoch order, batch index) -> one shard per dp rank, ray.put once
+    2. reference  (reference group only) each reference dp rank scores its shard; the object ref goes straight to
+                  the policy ranks of that dp group, the driver never holds the log-probs
+    3. train      policy.train_step on every rank -> per-rank metric sums -> merge_step_results (exact means)
+    4. eval       every eval_interval steps (or at each epoch's end): the same on the held-back rows, no update
+    5. save       every save_interval steps: engine state + trainer_state.json (step, epoch, batch position)
+
+Each phase runs under a named timer (`timing/data`, `timing/train_step`, `timing/eval`, `timing/save`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from rlhf_ray.config.base import ConfigError
+from rlhf_ray.pipelines.supervised import (CHECKPOINT_STATE_FILE, CONFIG_BESIDE_CHECKPOINT, StepPlan, SupervisedJob,
+                                           checkpoint_dir, epoch_order)
+from rlhf_ray.placement import ClusterCapacity, ResourcePlan, connect_ray, disconnect_ray, spec_from_parallel
+from rlhf_ray.telemetry.progress import progress
+from rlhf_ray.telemetry.timers import Timers
+from rlhf_ray.telemetry.tracker import build_tracker
+from rlhf_ray.workers.group import WorkerGroup, split_evenly
+from rlhf_ray.workers.trainer import TrainerWorker, merge_step_results
+
+
+def trainer_kwargs(cfg, job: SupervisedJob, *, frozen: bool = False) -> dict[str, Any]:
+    """What one TrainerWorker is handed: only its sections (model, train, parallel) and its objective spec."""
+    return {"model": cfg.model.model_dump(), "train": cfg.train.model_dump(), "parallel": cfg.parallel.model_dump(),
+            "objective": job.objective, "model_kind": job.model_kind, "frozen": frozen,
+            "colocated_reference": job.reference == "colocate" and not frozen}
+
+
+def resume_position(state: dict[str, Any], plan: StepPlan, seed: int, path: str) -> tuple[int, int, int]:
+    """(step, epoch, batch index within the epoch) to continue from; refuses a changed batch layout or seed."""
+    for key, now in (("global_batch", plan.global_batch), ("seed", seed)):
+        if key in state and state[key] != now:
+            raise ConfigError(f"--checkpoint_path {path}: it was written with {key}={state[key]} but this run has "
+                              f"{key}={now}; the data position would not mean the same rows. Resume with the same "
+                              f"batch_size × dp × accumulation_steps and seed, or start without --checkpoint_path")
+    step, epoch, batch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+    if batch >= plan.steps_per_epoch:
+        epoch, batch = epoch + 1, 0
+    return step, epoch, batch
+
+
+def train_metrics(merged: dict[str, float], wall_s: float) -> dict[str, float]:
+    """Merged step results -> logged metrics (loss/train, objective metrics, lr, grad_norm, perf/...)."""
+    metrics = {"loss/train": merged["loss"]}
+    metrics.update({key: value for key, value in merged.items() if "/" in key})
+    metrics.update({key: merged[key] for key in ("lr", "grad_norm", "loss_scale") if key in merged})
+    if merged.get("skipped"):
+        metrics["train/skipped_step"] = merged["skipped"]   # non-finite grad norm: the optimizer step was skipped
+    metrics["perf/tokens_per_s"] = merged["tokens"] / max(wall_s, 1e-9)
+    metrics["perf/worker_tokens_per_s"] = merged["tokens"] / max(merged["time_s"], 1e-9)
+    metrics["perf/tokens"] = merged["tokens"]
+    return metrics
+
+
+class SupervisedRun:
+    """One supervised job on the driver: its groups, tracker, timers and position in the data."""
+
+    def __init__(self, cfg, job: SupervisedJob, plan: StepPlan, train_rows: list[dict], eval_rows: list[dict],
+                 prog: str) -> None:
+        self.cfg, self.job, self.plan, self.prog = cfg, job, plan, prog
+        self.train_rows, self.eval_rows = train_rows, eval_rows
+        self.timers = Timers()
+        self.policy: WorkerGroup | None = None
+        self.reference: WorkerGroup | None = None
+        self.tracker = None
+
+    def _say(self, message: str) -> None:
+        print(f"[{self.job.name}] {message}", flush=True)
+
+    # ------------------------------------------------------------ lifetime
+    def run(self, resume_from: Path | None) -> int:
+        started_ray = connect_ray()
+        try:
+            resources = self._resource_plan()
+            if resources is None:
+                return 2
+            self._start_groups(resources)
+            step, epoch, batch = 0, 0, 0
+            if resume_from is not None:
+                try:
+                    step, epoch, batch = self._restore(resume_from)
+                except ConfigError as exc:
+                    print(f"{self.prog}: {exc}", file=sys.stderr)
+                    return 2
+            self.tracker = build_tracker(self.cfg.logging, run_name=self.job.name, config=self.cfg.to_dict())
+            self.tracker.log(self.timers.metrics(), step=step)
+            step = self._train(step, epoch, batch, resumed=resume_from is not None)
+            self._export(step)
+            return 0
+        finally:
+            if self.tracker is not None:
+                self.tracker.close()
+            for group in (self.reference, self.policy):
+                if group is not None:
+                    group.shutdown()
+            disconnect_ray(started_ray)
+
+    def _resource_plan(self) -> ResourcePlan | None:
+        """Role -> GroupSpec, printed with the cluster's numbers and checked before any actor starts."""
+        resources = ResourcePlan()
+        resources.add(self.job.name, spec_from_parallel(self.cfg.parallel))
+        if self.job.reference == "group":
+            resources.add("reference", spec_from_parallel(self.cfg.parallel))
+        cluster = ClusterCapacity.from_ray()
+        print(resources.describe(cluster), flush=True)
+        try:
+            resources.check(cluster)
+        except ValueError as exc:
+            print(f"{self.prog}: {exc}", file=sys.stderr)
+            return None
+        return resources
+
+    def _start_groups(self, resources: ResourcePlan) -> None:
+        with self.timers("startup"):
+            self.policy = WorkerGroup(TrainerWorker, resources.roles[self.job.name], name=self.job.name,
+                                      worker_kwargs=trainer_kwargs(self.cfg, self.job))
+            if self.job.reference == "group":
+                self.reference = WorkerGroup(TrainerWorker, resources.roles["reference"], name="reference",
+                                             worker_kwargs=trainer_kwargs(self.cfg, self.job, frozen=True))
+            groups = [g for g in (self.policy, self.reference) if g is not None]
+            builds = [g.call_all_async("build", self.plan.total_steps) for g in groups]   # groups load in parallel
+            info = ray.get(builds[0])
+            for pending in builds[1:]:
+                ray.get(pending)
+        self._say(f"model: {info[0]['parameters']:,} parameters, {info[0]['trainable_parameters']:,} trainable; "
+                  f"{self.policy.world_size} rank(s)")
+
+    def _restore(self, path: Path) -> tuple[int, int, int]:
+        with self.timers("resume"):
+            state = self.policy.call_all("load_checkpoint", str(path))[0]
+        step, epoch, batch = resume_position(state, self.plan, self.cfg.train.seed, str(path))
+        self._say(f"resumed from {path}: step {step}, epoch {epoch}, batch {batch}")
+        return step, epoch, batch
+
+    def _export(self, step: int) -> None:
+        with self.timers("export"):
+            self.policy.call_all("save_hf", self.cfg.checkpoint.save_path)
+        self.cfg.save(Path(self.cfg.checkpoint.save_path) / CONFIG_BESIDE_CHECKPOINT)
+        self.tracker.log(self.timers.metrics(), step=step)
+        self._say(f"HF model -> {self.cfg.checkpoint.save_path}")
+
+    # ------------------------------------------------------------ the loop
+    def _train(self, step: int, start_epoch: int, start_batch: int, resumed: bool) -> int:
+        cfg, plan = self.cfg, self.plan
+        bar = progress(total=plan.total_steps, desc=self.job.name, enabled=cfg.logging.progress, unit="step")
+        bar.update(step)
+        if self.eval_rows and cfg.data.eval_at_start:
+            with self.timers("eval"):
+                self.tracker.log(self.evaluate(), step=step)
+        state: dict[str, Any] = {}
+        last_saved = step if resumed else -1
+        for epoch in range(start_epoch, cfg.train.max_epochs):
+            order = epoch_order(plan.rows, cfg.train.seed, epoch, cfg.data.shuffle)
+            for batch_index in range(start_batch if epoch == start_epoch else 0, plan.steps_per_epoch):
+                if step >= plan.total_steps:
+                    break
+                metrics = self.train_step(order, batch_index)
+                step += 1
+                state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_index + 1,
+                         "global_batch": plan.global_batch, "seed": cfg.train.seed}
+                end_of_epoch = batch_index + 1 == plan.steps_per_epoch or step == plan.total_steps
+                interval = cfg.data.eval_interval
+                if self.eval_rows and ((interval and step % interval == 0) or (not interval and end_of_epoch)):
+                    with self.timers("eval"):
+                        metrics.update(self.evaluate())
+                if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
+                    self.save(state)
+                    last_saved = step
+                metrics.update(self.timers.metrics())
+                if step % cfg.logging.log_interval == 0 or "loss/eval" in metrics:
+                    self.tracker.log(metrics, step=step)
+                bar.update(1)
+                bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.4g}" for k in self.job.headline if k in metrics})
+        bar.close()
+        if state and last_saved != step:
+            self.save(state)        # the end of training is always resumable (and extendable with more epochs)
+        return step
+
+    def train_step(self, order: list[int], batch_index: int) -> dict[str, float]:
+        """Stages 1-3 of one optimizer step; returns its metrics."""
+        start = time.perf_counter()
+        with self.timers("data"):
+            picked = order[batch_index * self.plan.global_batch:(batch_index + 1) * self.plan.global_batch]
+            shard_refs = [ray.put(s) for s in split_evenly([self.train_rows[i] for i in picked], self.plan.dp)]
+        with self.timers("train_step"):
+            if self.reference is None:
+                results = self.policy.call_split("train_step", shard_refs)
+            else:
+                results = ray.get(self._train_with_reference_group(shard_refs))
+        merged = merge_step_results(results, self.policy.tp_size)
+        return train_metrics(merged, time.perf_counter() - start)
+
+    def _train_with_reference_group(self, shard_refs: list) -> list:
+        # The reference group has the policy's layout: its dp rank i scores shard i, and that result (an object ref,
+        # resolved by Ray in the policy worker) goes straight to the policy ranks of dp group i.
+        ref_by_dp = self.reference.call_split_async("score_preference", shard_refs)[::self.reference.tp_size]
+        return [worker.train_step.remote(shard_refs[self.policy.dp_rank(rank)], ref_by_dp[self.policy.dp_rank(rank)])
+                for rank, worker in enumerate(self.policy.workers)]
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-back metrics: `loss/eval` and `eval/<name>` for each objective metric (e.g. eval/acc)."""
+        dp, rows = self.plan.dp, self.eval_rows
+        shards = split_evenly(rows, dp)
+        if self.reference is not None:
+            scores = ray.get(self.reference.call_split_async("score_preference",
+                                                             [ray.put(s) for s in shards])[::self.reference.tp_size])
+            shards = [[{**row, "ref_chosen_logps": c, "ref_rejected_logps": r} for row, (c, r) in zip(shard, score)]
+                      for shard, score in zip(shards, scores)]
+        # Every rank makes the same number of forward passes (collective under fsdp/tp), however uneven the split.
+        num_chunks = math.ceil(math.ceil(len(rows) / dp) / self.cfg.train.batch_size)
+        results = self.policy.call_split("eval_step", [ray.put(s) for s in shards], num_chunks=num_chunks)
+        merged = merge_step_results(results, self.policy.tp_size)
+        metrics = {"loss/eval": merged.pop("loss")}
+        merged.pop("units", None)
+        metrics.update({"eval/" + key.split("/", 1)[-1]: value for key, value in merged.items()})
+        return metrics
+
+    def save(self, state: dict[str, Any]) -> Path:
+        """A resumable checkpoint step_N (engine state on every rank) plus readable copies of config and position."""
+        directory = checkpoint_dir(self.cfg) / f"step_{state['step']}"
+        with self.timers("save"):
+            self.policy.call_all("save_checkpoint", str(directory), state)
+            self.cfg.save(directory / CONFIG_BESIDE_CHECKPOINT)
+            (directory / CHECKPOINT_STATE_FILE).write_text(json.dumps(state, indent=2))
+        self._say(f"checkpoint -> {directory}")
+        return directory

@@ -1,0 +1,46 @@
+"""Connect a job to Ray: join the cluster it was submitted to, or start a private local one.
+
+Inside `ray job submit` (or with RAY_ADDRESS exported) the job joins that cluster; otherwise it starts its own local
+cluster with `address="local"`, which never joins a stranger's cluster on the same host (plain `ray.init()` might).
+A process that already called `ray.init` (a test session, a notebook) is reused as it is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Settings every actor of a locally started cluster needs on a shared CPU host.
+_WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def connect_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None) -> bool:
+    """Make sure this process is connected to Ray; return True when this call started (and so owns) it.
+
+    num_cpus: CPUs of a locally started cluster (default: all of this machine's); ignored when joining one.
+    env_vars: extra environment for every actor of a locally started cluster.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    env = {**_WORKER_ENV, **{k: v for k, v in os.environ.items() if k in ("HF_HUB_OFFLINE", "WANDB_MODE")},
+           **(env_vars or {})}
+    # Actors must import rlhf_ray even when it is run from a checkout that is not pip-installed.
+    repo_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": env})
+    return True
+
+
+def disconnect_ray(started: bool) -> None:
+    """Shut Ray down only when this process started it (never someone else's session)."""
+    import ray
+
+    if started and ray.is_initialized():
+        ray.shutdown()

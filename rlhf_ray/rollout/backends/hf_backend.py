@@ -1,0 +1,151 @@
+"""The transformers backend: `model.generate` behind the generator interface.
+
+It is the reference the vLLM backend is checked against, and the fallback where vLLM is absent. It returns the
+same fields: sampled tokens (EOS / stop token included), text (stop string cut off), each token's log-prob
+('processed': from the scores generate actually sampled from, after temperature / top-k / top-p; 'raw':
+log_softmax of the logits), and the finish reason.
+
+Limits: one batch per chunk, padded on the left; sampling is reproducible only for the same chunking (torch's
+generator is seeded once per chunk, from the chunk's first prompt), unlike vLLM's per-prompt seeds.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from rlhf_ray.rollout.backends.base import GenerationBackend, decode_response, register_backend
+from rlhf_ray.rollout.config import GeneratorSection
+from rlhf_ray.rollout.receiver import WeightReceiver, ipc_bytes_to_tensor
+from rlhf_ray.rollout.types import PromptChunk, Sample, request_seed
+from rlhf_ray.rollout.weight_buckets import unpack_bucket
+
+
+@register_backend("hf")
+class HFBackend(GenerationBackend):
+    name = "hf"
+
+    def __init__(self, section: GeneratorSection, model_path: str, tokenizer_dir: str | None,
+                 engine_seed: int) -> None:
+        super().__init__(section, model_path, tokenizer_dir, engine_seed)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(section.resolved_cpu_threads())
+        dtype = section.dtype if section.dtype != "auto" else ("float32" if self.device.type == "cpu" else "bfloat16")
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
+        self.model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.max_model_len = section.resolved_max_model_len()
+        self.receiver = WeightReceiver()
+        self._tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+
+    # ------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, chunk: PromptChunk) -> list[list[Sample]]:
+        sampling = chunk.sampling
+        n = sampling["n_samples_per_prompt"]
+        width = max(map(len, chunk.prompt_ids))
+        input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, ids in enumerate(chunk.prompt_ids):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
+        # as in vLLM: ignore_eos drops only the model's EOS; explicit stop_token_ids still stop
+        stop_ids = ([] if sampling["ignore_eos"] else self.eos_ids) + list(sampling["stop_token_ids"])
+        seed = request_seed(sampling["seed"], chunk.seed_offset, chunk.indices[0])
+        if seed is not None:
+            torch.manual_seed(seed)
+        greedy = sampling["temperature"] == 0
+        # One GenerationConfig carries every setting: the model's own config with our fields on top (passing a
+        # config plus loose generation kwargs is deprecated in transformers 5). Unset (None) fields fall back to
+        # transformers' defaults, so "off" is spelled out: top_k 0, eos_token_id [] (ignore_eos).
+        config = self.model.generation_config.__class__.from_dict(self.model.generation_config.to_dict())
+        config.update(max_new_tokens=sampling["max_new_tokens"], do_sample=not greedy, num_return_sequences=n,
+                      pad_token_id=self.pad_id, eos_token_id=stop_ids, return_dict_in_generate=True,
+                      output_scores=self.section.logprobs_mode == "processed",
+                      output_logits=self.section.logprobs_mode == "raw",
+                      temperature=1.0 if greedy else sampling["temperature"], top_p=sampling["top_p"],
+                      top_k=max(0, sampling["top_k"]),    # 0 disables; None would fall back to transformers' 50
+                      stop_strings=list(sampling["stop"]) or None)
+        extra = {"tokenizer": self.tokenizer} if sampling["stop"] else {}
+        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                                  generation_config=config, **extra)
+        steps = out.scores if self.section.logprobs_mode == "processed" else out.logits
+        generated = out.sequences[:, width:]                                        # (batch * n, new_len)
+        step_logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in steps], dim=1)
+        token_logprobs = step_logprobs.gather(-1, generated.unsqueeze(-1)).squeeze(-1).cpu()  # (batch * n, new_len)
+        generated = generated.cpu()
+        results = []
+        for row in range(len(chunk)):
+            samples = []
+            for k in range(n):
+                flat = row * n + k
+                samples.append(self._sample(generated[flat], token_logprobs[flat], stop_ids, sampling))
+            results.append(samples)
+        return results
+
+    def _sample(self, ids: torch.Tensor, logprobs: torch.Tensor, stop_ids: list[int], sampling: dict) -> Sample:
+        ids_list = ids.tolist()
+        end, reason = len(ids_list), "length"
+        for pos, token in enumerate(ids_list):
+            if token in stop_ids:
+                end, reason = pos + 1, "stop"          # the stop token stays in the response, as in vLLM
+                break
+        stops = list(sampling["stop"])
+        if stops and any(s in self.tokenizer.decode(ids_list[:end], skip_special_tokens=True) for s in stops):
+            # a row that hit a stop string is padded afterwards: keep tokens up to the one completing the string
+            end = next(k for k in range(1, end + 1)
+                       if any(s in self.tokenizer.decode(ids_list[:k], skip_special_tokens=True) for s in stops))
+            reason = "stop"
+        ids_list = ids_list[:end]
+        return Sample(ids_list, decode_response(self.tokenizer, ids_list, stops), logprobs[:end].tolist(), reason)
+
+    # ------------------------------------------------------------ weight updates
+    def _copy_in(self, named: list[tuple[str, torch.Tensor]]) -> int:
+        for name, tensor in named:
+            target = self._tensors.get(name)
+            if target is None:
+                raise KeyError(f"weight sync sent {name!r}, which this {type(self.model).__name__} does not have "
+                               f"(first names: {list(self._tensors)[:4]} ...)")
+            if target.shape != tensor.shape:
+                raise ValueError(f"weight sync: {name} has shape {tuple(tensor.shape)}, engine expects "
+                                 f"{tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(tensor)
+        return len(named)
+
+    def begin_weight_update(self) -> None:
+        pass
+
+    def load_bucket(self, metadata: Sequence[Sequence], buffer) -> int:
+        return self._copy_in(unpack_bucket(metadata, buffer))
+
+    def join_weight_group(self, kind: str, host: str, port: int, rank_offset: int, world_size: int,
+                          group_id: str, timeout_s: float) -> list[int]:
+        device = self.device if kind == "nccl" else None
+        return [self.receiver.join(kind, host, port, rank_offset, world_size, group_id, timeout_s, device)]
+
+    def leave_weight_group(self) -> None:
+        self.receiver.leave()
+
+    def weight_group_id(self) -> str | None:
+        return self.receiver.group_id
+
+    def receive_bucket(self, metadata: Sequence[Sequence]) -> int:
+        device = self.device if self.receiver.group is not None and self.receiver.group.kind == "nccl" else "cpu"
+        return self._copy_in(self.receiver.receive(metadata, device))
+
+    def load_ipc_bucket(self, metadata: Sequence[Sequence], handle: bytes) -> int:  # pragma: no cover - GPU
+        flat = ipc_bytes_to_tensor(handle, torch.cuda.current_device())
+        loaded = self._copy_in(unpack_bucket(metadata, flat))
+        torch.cuda.synchronize()
+        return loaded
+
+    def finish_weight_update(self) -> int:
+        return 0

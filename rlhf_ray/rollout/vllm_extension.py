@@ -1,0 +1,121 @@
+"""The vLLM worker extension that receives new policy weights, layer by layer, while the engine keeps running.
+
+vLLM mixes this class into its worker class (`LLM(..., worker_extension_cls=EXTENSION_QUALNAME)`), so its methods
+run inside every vLLM worker process (one per tensor-parallel rank; in this process when the engine runs
+in-process) and are reached with `llm.collective_rpc("rlhf_<method>", args=...)`.
+
+An update is a session:
+
+    rlhf_begin_weight_update()                 layers go to the meta device; loaders buffer until a layer is whole
+    rlhf_load_bucket(meta, buffer)  ...        object-store channel: the bucket travelled with the RPC
+    rlhf_receive_bucket(meta)       ...        gloo/NCCL channel: the bucket arrives by broadcast from the trainer
+    rlhf_load_ipc_bucket(meta, handle) ...     CUDA IPC channel: a handle to the trainer's GPU buffer (same GPU)
+    rlhf_finish_weight_update()                leftover layers processed; untouched layers keep their old weights
+
+It drives vLLM's in-place layerwise reload (vllm.model_executor.model_loader.reload): a plain `load_weights` fails
+on CPU because linear weights are repacked into kernel layouts after loading; the layerwise reload restores the
+checkpoint layout, loads, re-runs the repacking and copies into the original storage, one layer at a time as soon
+as the layer's last part has arrived. Names are HF checkpoint names (q_proj, k_proj, ... before fusing).
+
+Buffers may arrive as numpy arrays, torch tensors or bytes (vLLM's multiprocess RPC serialises with msgpack, where
+tensors would turn into lists; bytes travel as they are).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from rlhf_ray.rollout.receiver import WeightReceiver, ipc_bytes_to_tensor
+from rlhf_ray.rollout.weight_buckets import unpack_bucket
+
+EXTENSION_QUALNAME = "rlhf_ray.rollout.vllm_extension.WeightSyncExtension"
+
+
+class WeightSyncExtension:
+    """Methods vLLM adds to its worker; `self` is the vLLM worker (model_runner, vllm_config, device)."""
+
+    # ------------------------------------------------------------ session
+    def rlhf_begin_weight_update(self) -> bool:
+        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+        if getattr(self, "_rlhf_updating", False):
+            # a previous session never finished (sender died): close it so the engine is consistent again
+            self.rlhf_finish_weight_update()
+        initialize_layerwise_reload(self.model_runner.get_model())
+        self._rlhf_updating = True
+        self._rlhf_loaded = 0
+        return True
+
+    def rlhf_finish_weight_update(self) -> int:
+        """Finalize the reload; returns how many tensors this session loaded."""
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        if not getattr(self, "_rlhf_updating", False):
+            raise RuntimeError("rlhf_finish_weight_update without rlhf_begin_weight_update")
+        with set_current_vllm_config(self.vllm_config):
+            finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
+        # state derived from the old weights (vLLM's own reload_weights resets the same)
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+            if hasattr(self.model_runner, reset):
+                getattr(self.model_runner, reset)()
+        self._rlhf_updating = False
+        return self._rlhf_loaded
+
+    def _rlhf_load(self, named: list[tuple[str, torch.Tensor]]) -> int:
+        from vllm.config import set_current_vllm_config
+
+        if not getattr(self, "_rlhf_updating", False):
+            raise RuntimeError("a weight bucket arrived outside an update session (call rlhf_begin_weight_update)")
+        with set_current_vllm_config(self.vllm_config):
+            self.model_runner.get_model().load_weights(iter(named))
+        self._rlhf_loaded += len(named)
+        return len(named)
+
+    # ------------------------------------------------------------ channels
+    def rlhf_load_bucket(self, metadata: Sequence[Sequence], buffer) -> int:
+        """Object-store channel: the flat bucket came with the call. CPU tensors are moved to the engine's device
+        by the loaders."""
+        return self._rlhf_load(unpack_bucket(metadata, buffer))
+
+    def rlhf_join_weight_group(self, kind: str, host: str, port: int, rank_offset: int, world_size: int,
+                               group_id: str, timeout_s: float) -> int:
+        """Join the trainer's broadcast group as rank rank_offset + this worker's tensor-parallel rank."""
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        receiver = getattr(self, "_rlhf_receiver", None) or WeightReceiver()
+        self._rlhf_receiver = receiver
+        device = self.device if kind == "nccl" else None
+        return receiver.join(kind, host, port, rank_offset + get_tensor_model_parallel_rank(), world_size,
+                             group_id, timeout_s, device)
+
+    def rlhf_leave_weight_group(self) -> bool:
+        receiver = getattr(self, "_rlhf_receiver", None)
+        if receiver is not None:
+            receiver.leave()
+        return True
+
+    def rlhf_weight_group_id(self) -> str | None:
+        receiver = getattr(self, "_rlhf_receiver", None)
+        return receiver.group_id if receiver is not None else None
+
+    def rlhf_receive_bucket(self, metadata: Sequence[Sequence]) -> int:
+        """gloo/NCCL channel: block in the broadcast, then load (gloo buffers live on CPU, NCCL on the GPU)."""
+        receiver = getattr(self, "_rlhf_receiver", None) or WeightReceiver()
+        group = receiver.group
+        device = self.device if group is not None and group.kind == "nccl" else "cpu"
+        return self._rlhf_load(receiver.receive(metadata, device))
+
+    def rlhf_load_ipc_bucket(self, metadata: Sequence[Sequence], handle: bytes) -> int:  # pragma: no cover - GPU
+        """CUDA IPC channel (trainer and engine on one GPU): map the trainer's buffer and load from a local copy.
+
+        The copy matters: the layerwise loader keeps references to a fused layer's parts until its last part
+        arrives (possibly in the next bucket), while the trainer frees its buffer as soon as this call returns.
+        """
+        shared = ipc_bytes_to_tensor(handle, torch.cuda.current_device())
+        flat = shared.clone()
+        torch.cuda.synchronize()
+        del shared
+        return self._rlhf_load(unpack_bucket(metadata, flat))

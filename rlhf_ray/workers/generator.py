@@ -1,0 +1,102 @@
+"""GeneratorWorker: the Ray actor that owns one generation engine (vLLM or transformers).
+
+It is thin on purpose: generation and weight loading live in the backend (rollout/backends/), dispatch and
+retries in the driver-side GeneratorGroup (rollout/group.py). What the actor adds is the policy version: every
+rollout is stamped with the version of the weights that produced it, and generation is refused while an update
+session is open (half the layers would still be old).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Sequence
+
+from rlhf_ray.rollout.backends import build_backend
+from rlhf_ray.rollout.config import GeneratorSection
+from rlhf_ray.rollout.types import PromptChunk, PromptRollout
+from rlhf_ray.workers.base import RankedWorker
+
+
+class GeneratorWorker(RankedWorker):
+    """One engine; rank = engine index in the generator group (no torch process group among generators)."""
+
+    def __init__(self, rank: int, world_size: int, generator: dict[str, Any], model_path: str,
+                 tokenizer_dir: str | None = None, **kwargs: Any) -> None:
+        super().__init__(rank, world_size, **kwargs)
+        self.section = GeneratorSection.model_validate(generator)
+        base_seed = self.section.seed if self.section.seed is not None else random.randrange(2**30)
+        self.backend = build_backend(self.section.backend, self.section, model_path, tokenizer_dir,
+                                     engine_seed=base_seed + rank)
+        self.policy_version = 0
+        self._updating_to: int | None = None
+        self._crash_on_next_generate = False
+
+    # ------------------------------------------------------------ generation
+    def generate(self, chunk: PromptChunk) -> list[PromptRollout]:
+        if self._updating_to is not None:
+            raise RuntimeError(f"generator {self.rank}: generate during a weight update to version "
+                               f"{self._updating_to}; the group serialises these, so this is a caller bug")
+        if self._crash_on_next_generate:
+            os._exit(1)                                # fault injection, see inject_crash_on_next_generate
+        per_prompt = self.backend.generate(chunk)
+        return [PromptRollout(index, ids, truncated, samples, self.policy_version, self.rank)
+                for index, ids, truncated, samples in zip(chunk.indices, chunk.prompt_ids, chunk.truncated,
+                                                          per_prompt)]
+
+    def state(self) -> dict[str, Any]:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"rank": self.rank, "pid": os.getpid(), "policy_version": self.policy_version,
+                "updating": self._updating_to is not None, "weight_group_id": self.backend.weight_group_id(),
+                "ranks_per_engine": self.backend.ranks_per_engine, "max_model_len": self.backend.max_model_len,
+                "backend": self.backend.name, "node_id": ctx.get_node_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    # ------------------------------------------------------------ weight updates (called by the trainer's sender)
+    def begin_weight_update(self, version: int) -> int:
+        self.backend.begin_weight_update()
+        self._updating_to = version
+        return self.rank
+
+    def load_weight_bucket(self, metadata: Sequence[Sequence], buffer) -> int:
+        return self.backend.load_bucket(metadata, buffer)
+
+    def join_weight_group(self, kind: str, host: str, port: int, rank_offset: int, world_size: int,
+                          group_id: str, timeout_s: float) -> list[int]:
+        return self.backend.join_weight_group(kind, host, port, rank_offset, world_size, group_id, timeout_s)
+
+    def leave_weight_group(self) -> None:
+        self.backend.leave_weight_group()
+
+    def receive_weight_bucket(self, metadata: Sequence[Sequence]) -> int:
+        return self.backend.receive_bucket(metadata)
+
+    def load_ipc_weight_bucket(self, metadata: Sequence[Sequence], handle: bytes) -> int:  # pragma: no cover
+        return self.backend.load_ipc_bucket(metadata, handle)
+
+    def finish_weight_update(self, version: int) -> int:
+        if self._updating_to != version:
+            raise RuntimeError(f"generator {self.rank}: finish_weight_update({version}) but the open update is "
+                               f"{self._updating_to}")
+        loaded = self.backend.finish_weight_update()
+        self.policy_version = version
+        self._updating_to = None
+        return loaded
+
+    # ------------------------------------------------------------ memory
+    def sleep(self, level: int = 1) -> bool:
+        return self.backend.sleep(level)
+
+    def wake_up(self) -> bool:
+        return self.backend.wake_up()
+
+    # ------------------------------------------------------------ testing
+    def inject_crash_on_next_generate(self) -> None:
+        """Fault injection for tests and drills: the next generate call kills this process (os._exit), as an
+        OOM kill or a node loss would, after the chunk has been handed to it."""
+        self._crash_on_next_generate = True
+
+    def shutdown(self) -> None:
+        self.backend.shutdown()

@@ -1,0 +1,233 @@
+"""Experience making and the trainer-side RL losses, without Ray: padding layout, the math glue from scores to
+advantages, reward-model inputs, exact global loss means under sharding, the ptx forward, async gating and data
+positions."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from rlhf_ray.algorithms import compute_advantages, compute_kl
+from rlhf_ray.pipelines.rl.async_mode import AsyncCollector
+from rlhf_ray.pipelines.rl.data import stream_indices
+from rlhf_ray.pipelines.rl.experience import (AdvantageSettings, build_experience, finalize_experience,
+                                              reward_model_inputs)
+from rlhf_ray.pipelines.rl.metrics import merge_update_results
+from rlhf_ray.rollout.types import PromptRollout, Sample
+from rlhf_ray.workers.rl_objectives import (RLLossSettings, actor_loss, compute_response_logprobs, critic_loss,
+                                            units_of)
+
+PAD = 0
+
+
+def _rollouts():
+    """Two prompts (lengths 3 and 1), two samples each; one sample is empty, one ended on the stop token 2."""
+    def sample(ids):
+        return Sample(ids, "", [-0.5 - 0.1 * i for i in range(len(ids))], "stop" if ids[-1:] == [2] else "length")
+    return [PromptRollout(0, [5, 6, 7], False, [sample([8, 9, 2]), sample([10])], policy_version=3, engine_rank=0),
+            PromptRollout(1, [11], False, [sample([12, 13]), sample([])], policy_version=4, engine_rank=1)]
+
+
+def test_build_experience_layout():
+    exp = build_experience(_rollouts(), PAD, group_offset=10)
+    assert exp.sequences.tolist() == [[5, 6, 7, 8, 9, 2], [5, 6, 7, 10, 0, 0], [0, 0, 11, 12, 13, 0],
+                                      [0, 0, 11, 0, 0, 0]]
+    assert exp.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0],
+                                           [0, 0, 1, 0, 0, 0]]
+    assert exp.response_mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]]
+    assert exp.prompt_len == 3 and exp.response_len == 3
+    assert exp.group_ids.tolist() == [10, 10, 11, 11] and exp.policy_version.tolist() == [3, 3, 4, 4]
+    assert torch.allclose(exp.rollout_logprobs[0], torch.tensor([-0.5, -0.6, -0.7]))
+    assert exp.rollout_logprobs[3].abs().sum() == 0
+
+
+def test_reward_model_inputs_end_like_the_training_pairs():
+    exp = build_experience(_rollouts(), PAD)
+    sequences, mask = reward_model_inputs(exp, stop_ids=[2], end_ids=[2, 201], pad_token_id=PAD)
+    rows = [s[m.bool()].tolist() for s, m in zip(sequences, mask)]
+    # a stop token is replaced by the line end; a truncated response gets the same ending
+    assert rows == [[5, 6, 7, 8, 9, 2, 201], [5, 6, 7, 10, 2, 201], [11, 12, 13, 2, 201], [11, 2, 201]]
+    assert mask[:, 0].all()                                   # right-padded
+
+
+def test_finalize_grpo_matches_the_estimator_and_keeps_kl_out_of_the_reward():
+    exp = build_experience(_rollouts(), PAD)
+    exp.scores = torch.tensor([1.0, 0.0, 0.5, 0.25])
+    exp.ref_logprobs = exp.rollout_logprobs - 0.1
+    settings = AdvantageSettings(estimator="grpo", kl_mode="loss", kl_estimator="low_var_kl")
+    exp, metrics = finalize_experience(exp, settings, kl_coef=0.5)
+    rewards = torch.zeros(4, 3)
+    rewards[0, 2], rewards[1, 0], rewards[2, 1] = 1.0, 0.0, 0.5            # score on each last kept token
+    assert torch.allclose(exp.rewards, rewards)
+    expected, _ = compute_advantages("grpo", rewards, exp.response_mask, group_ids=exp.group_ids)
+    assert torch.allclose(exp.advantages, expected)
+    assert metrics["reward/kl"] > 0 and "reward/kl_penalty_mean" not in metrics
+
+
+def test_finalize_gae_puts_the_kl_penalty_in_the_reward():
+    exp = build_experience(_rollouts(), PAD)
+    exp.scores = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    exp.old_logprobs = exp.rollout_logprobs.clone()
+    exp.ref_logprobs = exp.rollout_logprobs - 0.2
+    exp.values = torch.full((4, 3), 0.1)
+    exp, metrics = finalize_experience(exp, AdvantageSettings(estimator="gae", gamma=1.0, lam=0.95), kl_coef=0.1)
+    kl = compute_kl(exp.old_logprobs, exp.ref_logprobs, "k1") * exp.response_mask        # 0.2 on kept tokens
+    assert torch.allclose(exp.rewards[0], torch.tensor([-0.02, -0.02, 1.0 - 0.02]))
+    assert torch.allclose(exp.rewards[1], torch.tensor([-1.0 - 0.02, 0.0, 0.0]))
+    assert metrics["reward/kl_sum"] == pytest.approx(kl.sum(dim=-1).mean().item())   # (0.6 + 0.2 + 0.4 + 0) / 4
+    advantages, returns = compute_advantages("gae", exp.rewards, exp.response_mask, values=exp.values, lam=0.95)
+    assert torch.allclose(exp.advantages, advantages) and torch.allclose(exp.returns, returns)
+
+
+@pytest.mark.parametrize("estimator", sorted(__import__("rlhf_ray.algorithms", fromlist=["x"]).ADVANTAGE_ESTIMATORS))
+@pytest.mark.parametrize("norm_by_std", [True, False])
+def test_every_registered_estimator_runs_through_finalize(estimator, norm_by_std):
+    exp = build_experience(_rollouts(), PAD)
+    exp.scores = torch.tensor([1.0, 0.0, 0.5, 0.25])
+    exp.values = torch.full((4, 3), 0.2)
+    exp.old_logprobs = exp.rollout_logprobs.clone()
+    exp.ref_logprobs = exp.rollout_logprobs - 0.05
+    settings = AdvantageSettings(estimator=estimator, norm_by_std=norm_by_std, kl_mode="reward")
+    exp, metrics = finalize_experience(exp, settings, kl_coef=0.1)
+    outside = 1 - exp.response_mask
+    assert torch.isfinite(exp.advantages).all() and torch.isfinite(exp.returns).all()
+    assert (exp.advantages * outside).abs().sum() == 0 and (exp.returns * outside).abs().sum() == 0
+    assert exp.advantages[exp.response_mask.bool()].abs().sum() > 0
+    assert metrics["advantages/std"] >= 0
+
+
+def _tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    return LlamaForCausalLM(config).float()
+
+
+def _batch(rows: int, seed: int = 1) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    prompt_len, response_len = 4, 5
+    sequences = torch.randint(3, 40, (rows, prompt_len + response_len), generator=generator)
+    attention_mask = torch.ones_like(sequences)
+    attention_mask[0, :2] = 0                                      # a left-padded prompt
+    response_mask = torch.ones(rows, response_len, dtype=torch.long)
+    for row in range(rows):                                        # ragged responses
+        cut = 1 + (row * 2) % response_len
+        response_mask[row, cut:] = 0
+        attention_mask[row, prompt_len + cut:] = 0
+    return {"sequences": sequences, "attention_mask": attention_mask, "response_mask": response_mask,
+            "old_logprobs": -torch.rand(rows, response_len, generator=generator) - 2.5,
+            "advantages": torch.randn(rows, response_len, generator=generator),
+            "ref_logprobs": -torch.rand(rows, response_len, generator=generator) - 2.5,
+            "values": torch.randn(rows, response_len, generator=generator),
+            "returns": torch.randn(rows, response_len, generator=generator)}
+
+
+def _grads(model, loss_fn, batches, settings, dp_accumulation):
+    model.zero_grad()
+    units = [units_of(b["response_mask"], settings.loss_agg_mode) for b in batches]
+    for batch, local in zip(batches, units):
+        loss, _ = loss_fn(model, batch, settings, local * dp_accumulation / sum(units))
+        (loss / dp_accumulation).backward()            # the engine's 1/accumulation and DDP's 1/dp, together
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_sharded_micro_batches_give_the_unsharded_gradient(mode):
+    """Four shards (2 dp ranks × 2 micro-batches) with the rescale give exactly the whole batch's gradient."""
+    model = _tiny_llama()
+    settings = RLLossSettings(loss_agg_mode=mode, kl_loss_coef=0.1, entropy_coef=0.01, temperature=0.9)
+    full = _batch(8)
+    shards = [{k: v[i * 2:(i + 1) * 2] for k, v in full.items()} for i in range(4)]
+    whole = _grads(model, actor_loss, [full], settings, dp_accumulation=1)
+    split = _grads(model, actor_loss, shards, settings, dp_accumulation=4)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, split))
+    critic_whole = _grads(_value_model(), critic_loss, [full], settings, 1)
+    critic_split = _grads(_value_model(), critic_loss, shards, settings, 4)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(critic_whole, critic_split))
+
+
+def _value_model():
+    from rlhf_ray.models.value_head import ValueHeadModel
+
+    llama = _tiny_llama(seed=3)
+    head = torch.nn.Linear(32, 1, bias=False)
+    return ValueHeadModel(llama.model, head, llama.config)
+
+
+def test_actor_loss_at_ratio_one_is_minus_the_mean_advantage_and_ptx_rides_along():
+    model = _tiny_llama()
+    batch = _batch(3)
+    settings = RLLossSettings(temperature=0.7)
+    batch["old_logprobs"] = compute_response_logprobs(model, batch["sequences"], batch["attention_mask"], 5, 0.7)
+    loss, metrics = actor_loss(model, batch, settings, rescale=1.0)
+    mask = batch["response_mask"].bool()
+    assert abs(loss.item() + batch["advantages"][mask].mean().item()) < 1e-5
+    assert metrics["policy/clip_frac"] == 0 and abs(metrics["policy/ratio_mean"] - 1) < 1e-5
+
+    ptx_ids = torch.randint(3, 40, (2, 11))
+    labels = ptx_ids.clone()
+    labels[:, :3] = -100                                          # the prompt part carries no loss
+    with_ptx = {**batch, "ptx_input_ids": ptx_ids, "ptx_attention_mask": torch.ones_like(ptx_ids),
+                "ptx_labels": labels}
+    loss_ptx, metrics_ptx = actor_loss(model, with_ptx, RLLossSettings(temperature=0.7, ptx_coef=0.5), 1.0)
+    logits = model(input_ids=ptx_ids).logits[:, :-1]
+    expected_ptx = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), labels[:, 1:].reshape(-1),
+                                                     ignore_index=-100)
+    assert abs(metrics_ptx["loss/ptx"] - expected_ptx.item()) < 1e-4
+    assert abs(loss_ptx.item() - (loss.item() + 0.5 * expected_ptx.item())) < 1e-4
+
+
+def test_merge_update_results_weights_by_units_and_skips_tp_duplicates():
+    def rank(loss, units, norm):
+        return [{"sums": {"loss/policy": loss * units}, "units": units, "tokens": units, "time_s": 1.0,
+                 "grad_norm": norm, "lr": 0.1}]
+
+    merged = merge_update_results([rank(1.0, 10, 3.0), rank(9.0, 10, 3.0), rank(4.0, 30, 3.0), rank(9.0, 30, 3.0)],
+                                  tp=2, prefix="policy")
+    assert merged["loss/policy"] == pytest.approx((1.0 * 10 + 4.0 * 30) / 40)
+    assert merged["policy/grad_norm"] == 3.0 and merged["policy/lr"] == 0.1
+
+
+def test_stream_positions_are_deterministic_and_cover_each_pass():
+    first = stream_indices(10, 0, 10, seed=3, shuffle=True)
+    assert sorted(first) == list(range(10))
+    assert stream_indices(10, 4, 9, seed=3, shuffle=True) == (first + stream_indices(10, 10, 10, 3, True))[4:13]
+    assert stream_indices(10, 7, 4, seed=3, shuffle=False) == [7, 8, 9, 0]
+
+
+def test_async_collector_never_runs_ahead_of_max_staleness():
+    versions_seen = {}
+    version = {"now": 0}
+
+    def collect(episode):
+        versions_seen[episode] = version["now"]
+        time.sleep(0.01)
+        return {"episode": episode}
+
+    collector = AsyncCollector(collect, start=0, stop=5, max_staleness=1, version=0).start()
+    for episode in range(5):
+        assert collector.next(episode, timeout_s=10)["episode"] == episode
+        time.sleep(0.05)                                       # "training": the collector may run ahead meanwhile
+        assert max(versions_seen) <= episode + 1               # never more than one episode ahead
+        version["now"] = episode + 1
+        collector.set_version(episode + 1)
+    collector.stop()
+    # episode e was collected while the policy was at version >= e - 1: staleness <= 1, and overlap happened
+    assert all(e - v <= 1 for e, v in versions_seen.items())
+    assert any(e - v == 1 for e, v in versions_seen.items())
+
+
+def test_async_collector_hands_over_errors():
+    def collect(episode):
+        raise ValueError("generator exploded")
+
+    collector = AsyncCollector(collect, start=0, stop=2, max_staleness=1, version=0).start()
+    with pytest.raises(RuntimeError, match="async collection failed: ValueError: generator exploded"):
+        collector.next(0, timeout_s=10)
+    collector.stop()
+    assert not any(t.name == "rl-collector" and t.is_alive() for t in threading.enumerate())

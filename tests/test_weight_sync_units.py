@@ -1,0 +1,96 @@
+"""Weight-sync building blocks without Ray: buckets, packing, channel choice, and a real two-process gloo group."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_ray.rollout.weight_buckets import bucket_nbytes, iter_buckets, pack_bucket, unpack_bucket
+from rlhf_ray.rollout.weight_sync import resolve_channel
+from rlhf_ray.workers.base import free_port
+
+
+def named_tensors():
+    torch.manual_seed(0)
+    return [("a.weight", torch.randn(4, 8)), ("a.bias", torch.randn(8).to(torch.bfloat16)),
+            ("b.weight", torch.randn(16, 16)), ("steps", torch.arange(5)), ("mask", torch.tensor([True, False])),
+            ("c.weight", torch.randn(3, 3).half())]
+
+
+def test_buckets_keep_order_and_respect_the_bound():
+    tensors = named_tensors()
+    buckets = list(iter_buckets(iter(tensors), bucket_bytes=200))
+    assert [n for b in buckets for n, _ in b] == [n for n, _ in tensors]
+    for bucket in buckets:
+        size = sum(t.numel() * t.element_size() for _, t in bucket)
+        assert size <= 200 or len(bucket) == 1              # b.weight (1 KiB) travels alone
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        list(iter_buckets(iter(tensors), 0))
+
+
+def test_iter_buckets_pulls_lazily():
+    pulled = []
+
+    def source():
+        for name, tensor in named_tensors():
+            pulled.append(name)
+            yield name, tensor
+
+    first = next(iter_buckets(source(), bucket_bytes=150))      # a.weight (128 B) + a.bias (16 B) fit, b.weight not
+    assert [n for n, _ in first] == ["a.weight", "a.bias"]
+    assert pulled == ["a.weight", "a.bias", "b.weight"]          # one tensor of look-ahead, no more
+
+
+@pytest.mark.parametrize("as_type", ["tensor", "numpy", "bytes"])
+def test_pack_unpack_roundtrip_every_dtype(as_type):
+    tensors = named_tensors()
+    metadata, flat = pack_bucket(tensors)
+    assert flat.dtype == torch.uint8 and flat.numel() == bucket_nbytes(metadata)
+    buffer = {"tensor": flat, "numpy": flat.numpy(), "bytes": flat.numpy().tobytes()}[as_type]
+    for (name, original), (got_name, got) in zip(tensors, unpack_bucket(metadata, buffer)):
+        assert got_name == name and got.dtype == original.dtype and torch.equal(got, original)
+    with pytest.raises(ValueError, match="truncated"):
+        unpack_bucket(metadata, np.zeros(10, dtype=np.uint8))
+
+
+def test_auto_channel_choice():
+    cpu = {"node_id": "n1", "gpu_ids": []}
+    assert resolve_channel("auto", cpu, [cpu, cpu]) == "object_store"
+    gpu0 = {"node_id": "n1", "gpu_ids": ["0"]}
+    assert resolve_channel("auto", gpu0, [gpu0]) == "cuda_ipc"
+    assert resolve_channel("auto", gpu0, [gpu0, {"node_id": "n1", "gpu_ids": ["1"]}]) == "nccl"
+    assert resolve_channel("gloo", gpu0, [gpu0]) == "gloo"
+    with pytest.raises(ValueError, match="unknown weight_sync_channel 'tcp'"):
+        resolve_channel("tcp", cpu, [cpu])
+
+
+def _receive(port, metadata, queue):
+    from rlhf_ray.rollout.receiver import WeightReceiver
+
+    receiver = WeightReceiver()
+    receiver.join("gloo", "127.0.0.1", port, rank=1, world_size=2, group_id="unit", timeout_s=60)
+    named = receiver.receive(metadata)
+    queue.put([(n, t.clone()) for n, t in named])
+    receiver.leave()
+
+
+def test_gloo_broadcast_group_moves_a_bucket_between_processes():
+    from rlhf_ray.rollout.collective import join_broadcast_group
+
+    tensors = named_tensors()
+    metadata, flat = pack_bucket(tensors)
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_receive, args=(port, metadata, queue))
+    child.start()
+    group = join_broadcast_group("gloo", "127.0.0.1", port, rank=0, world_size=2, group_id="unit", timeout_s=60)
+    group.broadcast(flat)
+    received = queue.get(timeout=60)
+    child.join(timeout=60)
+    group.close()
+    assert [n for n, _ in received] == [n for n, _ in tensors]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(received, tensors))

@@ -73,3 +73,34 @@ def test_log_exp_and_log_sig_objectives_agree():
     assert sig.item() == pytest.approx(exp.item(), rel=1e-6)
     with pytest.raises(ValueError, match="log_exp, log_sig"):
         RewardObjective(0, loss_fn="hinge")
+
+
+def test_frozen_worker_serves_the_exported_reward_model(rm_run):
+    """The reward role of PPO: a frozen value TrainerWorker on the exported RM gives the rewards transformers gives."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_ray.config.sections import ModelSection, ParallelSection, TrainSection
+    from rlhf_ray.data.collators import PreferenceCollator
+    from rlhf_ray.data.loading import load_prepared
+    from rlhf_ray.workers.group import GroupSpec, WorkerGroup
+    from rlhf_ray.workers.trainer import TrainerWorker
+
+    root, eval_dir, _ = rm_run
+    batch = PreferenceCollator(pad_token_id=0)(load_prepared(eval_dir, "preference").to_list()[:8])
+    batch = {"input_ids": batch["rejected_input_ids"], "attention_mask": batch["rejected_attention_mask"]}
+    group = WorkerGroup(TrainerWorker, GroupSpec(num_workers=1, cpus_per_worker=0.5), name="reward",
+                        worker_kwargs={"model": ModelSection(pretrain=str(root / "model")).model_dump(),
+                                       "train": TrainSection().model_dump(),
+                                       "parallel": ParallelSection(cpus_per_worker=0.5).model_dump(),
+                                       "model_kind": "value", "frozen": True})
+    try:
+        group.call_all("build")
+        rewards = group.call_rank(0, "compute_rewards", batch)
+        values = group.call_rank(0, "compute_values", batch)
+    finally:
+        group.shutdown()
+    model = AutoModelForSequenceClassification.from_pretrained(root / "model").eval()
+    with torch.no_grad():
+        expected = model(**batch).logits.squeeze(-1)
+    torch.testing.assert_close(rewards, expected, rtol=1e-5, atol=1e-5)
+    assert values.shape == batch["input_ids"].shape

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,30 +70,31 @@ def test_auto_channel_choice():
         resolve_channel("tcp", cpu, [cpu])
 
 
-def _receive(port, metadata, queue):
-    from rlhf_ray.rollout.receiver import WeightReceiver
+_RECEIVER = """
+import json, sys, torch
+from rlhf_ray.rollout.receiver import WeightReceiver
+port, metadata, out = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+receiver = WeightReceiver()
+receiver.join("gloo", "127.0.0.1", port, rank=1, world_size=2, group_id="unit", timeout_s=60)
+torch.save({name: tensor.clone() for name, tensor in receiver.receive(metadata)}, out)
+receiver.leave()
+"""
 
-    receiver = WeightReceiver()
-    receiver.join("gloo", "127.0.0.1", port, rank=1, world_size=2, group_id="unit", timeout_s=60)
-    named = receiver.receive(metadata)
-    queue.put([(n, t.clone()) for n, t in named])
-    receiver.leave()
 
-
-def test_gloo_broadcast_group_moves_a_bucket_between_processes():
+def test_gloo_broadcast_group_moves_a_bucket_between_processes(tmp_path):
+    """Rank 0 here, rank 1 in a fresh interpreter (a plain subprocess: no multiprocessing fd passing)."""
     from rlhf_ray.rollout.collective import join_broadcast_group
 
     tensors = named_tensors()
     metadata, flat = pack_bucket(tensors)
     port = free_port()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_receive, args=(port, metadata, queue))
-    child.start()
+    out = tmp_path / "received.pt"
+    child = subprocess.Popen([sys.executable, "-c", _RECEIVER, str(port), json.dumps(metadata), str(out)],
+                             cwd=str(Path(__file__).resolve().parent.parent))
     group = join_broadcast_group("gloo", "127.0.0.1", port, rank=0, world_size=2, group_id="unit", timeout_s=60)
     group.broadcast(flat)
-    received = queue.get(timeout=60)
-    child.join(timeout=60)
+    assert child.wait(timeout=120) == 0
     group.close()
-    assert [n for n, _ in received] == [n for n, _ in tensors]
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(received, tensors))
+    received = torch.load(out)
+    assert list(received) == [n for n, _ in tensors]
+    assert all(torch.equal(received[name], tensor) for name, tensor in tensors)

@@ -7,7 +7,7 @@ Every stage is the command a user would type, printed before it runs, so the dem
     python -m rlhf_ray.demo --only grpo     # one stage (earlier outputs must exist)
 
 Data: arithmetic questions ("What is 3 + 5?") from rlhf_ray/data/synthetic.py, whose answers can be checked, so
-the RL stages can show the reward before and after. Model: the 'small' tiny Llama (random init, bundled tokenizer).
+the RL stages can show the reward before and after. Model: the 'debug' tiny Llama (random init, bundled tokenizer).
 One local Ray cluster is started for the whole demo and every job joins it through RAY_ADDRESS.
 """
 
@@ -23,7 +23,9 @@ from pathlib import Path
 
 from rlhf_ray.telemetry.tracker import read_jsonl_metrics
 
-TEMPLATE = Path(__file__).resolve().parent / "assets" / "templates" / "tiny.json"
+ASSETS = Path(__file__).resolve().parent / "assets"
+TEMPLATE = ASSETS / "templates" / "tiny.json"
+REWARD_FN = ASSETS / "rewards" / "number_only.py"
 STAGES = ("data", "prepare", "sft", "rm", "ppo", "grpo")
 
 
@@ -32,47 +34,56 @@ def _cli(*args: str) -> list[str]:
 
 
 def stage_commands(out: Path) -> dict[str, list[list[str]]]:
-    """The commands of each stage, as a user would type them."""
+    """The commands of each stage, as a user would type them.
+
+    PPO and GRPO start from the base model rather than the SFT model: the SFT model already answers with numbers,
+    so the demo's rewards would have no room to rise. On a real task, pass --pretrain <sft output>.
+    """
     base, data, raw = out / "base", out / "data", out / "raw"
-    prepare = lambda kind, src: _cli(  # noqa: E731 - a table of four near-identical commands
+    prepare = lambda kind, src: _cli(  # noqa: E731 - a table of three near-identical commands
         "prepare", "--type", kind, "--input", str(raw / src), "--tokenizer_dir", str(base),
         "--conversation_template_config", str(TEMPLATE), "--output", str(data / kind), "--max_length", "128",
         "--overwrite")
-    common_rl = ["--prompt_dataset", str(data / "prompt"), "--conversation_template_config", str(TEMPLATE),
-                 "--max_new_tokens", "8", "--max_prompt_len", "64", "--kv_cache_gib", "0.25",
-                 "--experience_batch_size", "8", "--warmup_steps", "0", "--tensorboard", "false"]
+    small = ["--tensorboard", "false", "--warmup_steps", "0"]
+    rl = ["--prompt_dataset", str(data / "prompt"), "--conversation_template_config", str(TEMPLATE),
+          "--max_new_tokens", "4", "--max_prompt_len", "32", "--kv_cache_gib", "0.25", "--kl_coef", "0.001",
+          "--num_update_steps", "2", "--lr", "5e-3"]
     return {
         "prepare": [prepare("sft", "sft.jsonl"), prepare("preference", "preference.jsonl"),
                     prepare("prompt", "prompt.jsonl")],
-        "sft": [_cli("sft", "--pretrain", str(base), "--dataset", str(data / "sft"), "--max_epochs", "3",
-                     "--batch_size", "16", "--lr", "2e-3", "--warmup_steps", "5", "--max_len", "128",
-                     "--save_path", str(out / "sft"), "--log_dir", str(out / "logs" / "sft"),
-                     "--tensorboard", "false")],
+        "sft": [_cli("sft", "--pretrain", str(base), "--dataset", str(data / "sft"), "--max_epochs", "2",
+                     "--batch_size", "16", "--lr", "2e-3", "--max_len", "64", *small,
+                     "--save_path", str(out / "sft"), "--log_dir", str(out / "logs" / "sft"))],
         "rm": [_cli("rm", "--pretrain", str(base), "--dataset", str(data / "preference"), "--max_epochs", "2",
-                    "--batch_size", "16", "--lr", "2e-3", "--warmup_steps", "5", "--max_len", "128",
-                    "--save_path", str(out / "rm"), "--log_dir", str(out / "logs" / "rm"), "--tensorboard", "false")],
-        "ppo": [_cli("ppo", "--pretrain", str(out / "sft"), "--rm_pretrain", str(out / "rm"), *common_rl,
-                     "--num_episodes", "6", "--n_samples_per_prompt", "1", "--train_batch_size", "8",
-                     "--accumulation_steps", "1", "--lr", "1e-4", "--critic_lr", "1e-4",
-                     "--save_path", str(out / "ppo"), "--log_dir", str(out / "logs" / "ppo"))],
-        "grpo": [_cli("grpo", "--pretrain", str(out / "sft"), "--reward_source", "arithmetic", *common_rl,
-                      "--num_episodes", "6", "--n_samples_per_prompt", "4", "--train_batch_size", "16",
-                      "--accumulation_steps", "2", "--lr", "1e-4",
-                      "--save_path", str(out / "grpo"), "--log_dir", str(out / "logs" / "grpo"))],
+                    "--batch_size", "16", "--lr", "2e-3", "--max_len", "64", *small,
+                    "--save_path", str(out / "rm"), "--log_dir", str(out / "logs" / "rm"))],
+        # actor (2 DDP ranks), critic, reference and reward-model groups, 2 vLLM engines, async collection
+        "ppo": [_cli("ppo", "--pretrain", str(base), "--rm_checkpoint_path", str(out / "rm"), *rl, *small,
+                     "--num_episodes", "12", "--experience_batch_size", "16", "--train_batch_size", "8",
+                     "--accumulation_steps", "2", "--num_workers", "2", "--critic_lr", "5e-3",
+                     "--num_engines", "2", "--async_mode", "--max_staleness", "1", "--dual_clip", "3.0",
+                     "--cpus_per_worker", "0.25", "--critic_cpus_per_worker", "0.25",
+                     "--ref_cpus_per_worker", "0.25", "--reward_cpus_per_worker", "0.25", "--cpus_per_engine", "0.25",
+                     "--save_interval", "6", "--save_path", str(out / "ppo"), "--log_dir", str(out / "logs" / "ppo"))],
+        # a verifiable rule reward from a python file, n samples per prompt, no critic
+        "grpo": [_cli("grpo", "--pretrain", str(base), "--reward_fn", f"{REWARD_FN}:number_only", *rl, *small,
+                      "--num_episodes", "20", "--n_samples_per_prompt", "8", "--experience_batch_size", "4",
+                      "--train_batch_size", "16", "--accumulation_steps", "2", "--colocate_all",
+                      "--save_interval", "10", "--save_path", str(out / "grpo"), "--log_dir", str(out / "logs" / "grpo"))],
     }
 
 
 def write_inputs(out: Path) -> None:
-    from rlhf_ray.data.synthetic import (make_problems, prompt_rows, sft_rows, verifiable_preference_rows,
-                                         write_jsonl)
+    from rlhf_ray.data.synthetic import make_problems, number_preference_rows, prompt_rows, sft_rows, write_jsonl
     from rlhf_ray.models.tiny import build_tiny_model
 
     problems = make_problems(1024, seed=0, max_operand=10)
     write_jsonl(sft_rows(problems[:512]), out / "raw" / "sft.jsonl")
-    write_jsonl(prompt_rows(problems[512:]), out / "raw" / "prompt.jsonl")
-    write_jsonl(verifiable_preference_rows(512, seed=1), out / "raw" / "preference.jsonl")
-    build_tiny_model(out / "base", flavour="small", seed=0)
-    print(f"wrote bundled data and a 'small' tiny Llama under {out}", flush=True)
+    write_jsonl(prompt_rows(problems[512:768]), out / "raw" / "prompt.jsonl")
+    # the reward model learns 'how much of the answer is a number' (chosen has more number tokens)
+    write_jsonl(number_preference_rows(512, seed=1), out / "raw" / "preference.jsonl")
+    build_tiny_model(out / "base", flavour="debug", seed=0)
+    print(f"wrote bundled data and a 'debug' tiny Llama (0.46M parameters) under {out}", flush=True)
 
 
 def reward_curve(log_dir: Path) -> tuple[float, float] | None:
@@ -88,8 +99,9 @@ def start_ray(out: Path) -> dict[str, str]:
     """One local cluster for the whole demo; the jobs join it through RAY_ADDRESS."""
     import ray
 
-    info = ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
-    return {"RAY_ADDRESS": info.address_info["address"]}
+    info = ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # ray.init turns token authentication on; the jobs must use the same mode to join
+    return {"RAY_ADDRESS": info.address_info["address"], "RAY_AUTH_MODE": "token"}
 
 
 def main(argv: list[str] | None = None) -> int:

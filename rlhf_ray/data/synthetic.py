@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,34 @@ def prompt_rows(problems: list[Problem]) -> list[dict]:
 
 def ptx_rows(problems: list[Problem]) -> list[dict]:
     return [{"source": p.question, "target": f" {p.answer}"} for p in problems]
+
+
+def number_preference_rows(count: int, seed: int = 0, length: int = 4) -> list[dict]:
+    """Pairs of random short responses where the chosen one has more number tokens than the rejected one: a
+    reward model trained on them scores 'how much of the answer is a number', on responses that look like a
+    randomly initialised policy's."""
+    from rlhf_ray.models.tiny import load_tiny_tokenizer
+
+    tokenizer = load_tiny_tokenizer()
+    texts = {i: tokenizer.decode([i]) for i in range(3, len(tokenizer))}
+    digits = [i for i, t in texts.items() if t.strip() and re.fullmatch(r"\s*\d+\s*", t)]
+    others = [i for i, t in texts.items() if t.strip() and i not in set(digits) and "\ufffd" not in t]
+    rng = random.Random(seed)
+
+    def response(number_tokens: int) -> str:
+        ids = [rng.choice(digits) for _ in range(number_tokens)] + [rng.choice(others)
+                                                                    for _ in range(length - number_tokens)]
+        rng.shuffle(ids)
+        return tokenizer.decode(ids).strip() or "x"
+
+    rows = []
+    for problem in make_problems(count, seed=seed + 11):
+        chosen = rng.randint(1, length)
+        rejected = rng.randint(0, chosen - 1)
+        rows.append({"context": [{"from": "human", "content": problem.question}],
+                     "chosen": [{"from": "assistant", "content": response(chosen)}],
+                     "rejected": [{"from": "assistant", "content": response(rejected)}]})
+    return rows
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:

@@ -36,6 +36,8 @@ class TrainEngine(ABC):
 
     #: the wrapped module (DDP/FSDP/TP-parallelised); call it through loss_fn, not directly
     model: torch.nn.Module
+    #: the same module before any wrapper (FSDP2/TP modify it in place): what unwrap() returns
+    _hf_module: torch.nn.Module
     #: this rank and the number of ranks training the model (1 in a single process)
     rank: int
     world_size: int
@@ -61,11 +63,11 @@ class TrainEngine(ABC):
     def forward(self, batch: dict[str, Any], fn: Callable[[torch.nn.Module, dict[str, Any]], Any]) -> Any:
         """Inference-only forward (eval, scoring, log-probs) under the engine's autocast, no grad."""
 
-    @abstractmethod
-    def train(self) -> None: ...
+    def train(self) -> None:
+        self.model.train()
 
-    @abstractmethod
-    def eval(self) -> None: ...
+    def eval(self) -> None:
+        self.model.eval()
 
     @abstractmethod
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -94,6 +96,6 @@ class TrainEngine(ABC):
     def barrier(self) -> None:
         """Wait for every rank (no-op in a single process)."""
 
-    @abstractmethod
     def unwrap(self) -> torch.nn.Module:
-        """The underlying module (no parallel wrapper)."""
+        """The underlying module (no parallel wrapper): backends keep it in `_hf_module` before wrapping."""
+        return self._hf_module

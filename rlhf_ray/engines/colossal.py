@@ -199,15 +199,6 @@ class ColossalEngine(TrainEngine):
         with autocast_context(self.mixed_precision if self.torch_ddp else "fp32", self.device):
             return fn(self.model, batch)
 
-    def train(self) -> None:
-        self.model.train()
-
-    def eval(self) -> None:
-        self.model.eval()
-
-    def unwrap(self) -> nn.Module:
-        return self._hf_module
-
     def barrier(self) -> None:
         dist.barrier()
 

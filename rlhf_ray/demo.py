@@ -95,7 +95,7 @@ def reward_curve(log_dir: Path) -> tuple[float, float] | None:
     return (rows[0]["reward/mean"], rows[-1]["reward/mean"]) if rows else None
 
 
-def start_ray(out: Path) -> dict[str, str]:
+def start_ray() -> dict[str, str]:
     """One local cluster for the whole demo; the jobs join it through RAY_ADDRESS."""
     import ray
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     env = dict(os.environ)
     if any(stage in ("sft", "rm", "ppo", "grpo") for stage in stages) and "RAY_ADDRESS" not in env:
-        env.update(start_ray(out))
+        env.update(start_ray())
     commands = stage_commands(out)
     timings = {}
     for stage in stages:

@@ -75,7 +75,8 @@ class EngineBenchWorker(RankedWorker):
 
 def single_process(model_dir, precision, steps, warmup, global_batch, seq_len, accumulation, workdir) -> dict:
     """The same loop in a fresh 1-rank group (no process group)."""
-    from rlhf_ray.workers.group import GroupSpec, WorkerGroup
+    from rlhf_ray.placement.groups import GroupSpec
+    from rlhf_ray.workers.group import WorkerGroup
 
     group = WorkerGroup(EngineBenchWorker, GroupSpec(num_workers=1, cpus_per_worker=1), name="bench-1")
     try:
@@ -95,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from rlhf_ray.models.tiny import build_tiny_model
-    from rlhf_ray.workers.group import GroupSpec, WorkerGroup
+    from rlhf_ray.fixtures.tiny import build_tiny_model
+    from rlhf_ray.placement.groups import GroupSpec
+    from rlhf_ray.workers.group import WorkerGroup
 
     flavour, steps, warmup = ("small", 4, 1) if args.quick else ("bench", 8, 2)
     precisions = ["fp32"] if args.quick else ["fp32", "bf16"]

@@ -47,8 +47,8 @@ def workloads(quick: bool) -> tuple[str, list[tuple[str, str, list[dict]]]]:
         if not quick:
             chosen.insert(0, ("hh-rlhf-preference", "preference", convert(hh, "hh_rlhf", "preference", None)))
         return str(qwen3), chosen
-    from rlhf_ray.data.synthetic import make_problems, sft_rows
-    from rlhf_ray.models.tiny import TOKENIZER_DIR
+    from rlhf_ray.fixtures.demo_data import make_problems, sft_rows
+    from rlhf_ray.fixtures.tiny import TOKENIZER_DIR
 
     rows = sft_rows(make_problems(600 if quick else 5000))
     return str(TOKENIZER_DIR), [("synthetic-sft", "sft", [convert_row("seed", r, "row", "sft")[0] for r in rows])]

@@ -31,7 +31,7 @@ TEMPLATE = str(REPO / "rlhf_ray/assets/templates/tiny.json")
 
 
 def prepare_prompts(model_dir: Path, out: Path) -> Path:
-    from rlhf_ray.data.synthetic import make_problems, prompt_rows, write_jsonl
+    from rlhf_ray.fixtures.demo_data import make_problems, prompt_rows, write_jsonl
     from rlhf_ray.pipelines import prepare
 
     source = write_jsonl(prompt_rows(make_problems(256, seed=5)), out.with_suffix(".jsonl"))
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                        "RLHF_RAY_NO_PROGRESS": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
         os.environ.setdefault(key, value)
-    from rlhf_ray.models.tiny import build_tiny_model
+    from rlhf_ray.fixtures.tiny import build_tiny_model
     from rlhf_ray.placement import connect_ray, disconnect_ray
 
     flavour, new_tokens = ("debug", 16) if args.quick else ("small", 64)

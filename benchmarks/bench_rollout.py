@@ -38,8 +38,8 @@ sys.path.insert(0, str(REPO))
 
 
 def build_prompts(count: int) -> list[list[int]]:
-    from rlhf_ray.data.synthetic import make_problems
-    from rlhf_ray.models.tiny import load_tiny_tokenizer
+    from rlhf_ray.fixtures.demo_data import make_problems
+    from rlhf_ray.fixtures.tiny import load_tiny_tokenizer
 
     tokenizer = load_tiny_tokenizer()
     prompts = []
@@ -203,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from rlhf_ray.models.tiny import build_tiny_model
+    from rlhf_ray.fixtures.tiny import build_tiny_model
     from rlhf_ray.rollout.config import GeneratorSection
-    from rlhf_ray.rollout.group import GeneratorGroup
+    from rlhf_ray.workers.generator_group import GeneratorGroup
 
     model_dir = str(build_tiny_model(RESULTS / "models" / f"tiny-{args.flavour}", flavour=args.flavour, seed=0))
     max_len = max(lengths)

@@ -69,7 +69,8 @@ class BareLoop:
 
 def start_actor(model_dir: str, threads: int, batch: int, lr: float, total_steps: int):
     from rlhf_ray.config.sections import ModelSection, ParallelSection, TrainSection
-    from rlhf_ray.workers.group import GroupSpec, WorkerGroup
+    from rlhf_ray.placement.groups import GroupSpec
+    from rlhf_ray.workers.group import WorkerGroup
     from rlhf_ray.workers.trainer import TrainerWorker
 
     kwargs = {"model": ModelSection(pretrain=model_dir).model_dump(),
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from rlhf_ray.models.tiny import build_tiny_model
+    from rlhf_ray.fixtures.tiny import build_tiny_model
     from rlhf_ray.placement import connect_ray, disconnect_ray
 
     torch.set_num_threads(args.threads)

@@ -92,7 +92,7 @@ class RawSender:
         import torch
 
         from rlhf_ray.rollout.collective import join_broadcast_group
-        from rlhf_ray.workers.base import free_port
+        from rlhf_ray.utils import free_port
 
         host, port = ray.util.get_node_ip_address(), free_port()
         world = 1 + len(receivers)
@@ -118,7 +118,7 @@ class RawSender:
 
 def write_model(out: Path, size: str) -> Path:
     """'bench' tiny flavour, or 'large': a ~110M-param Llama (hidden 1024, 8 layers) with the tiny tokenizer."""
-    from rlhf_ray.models.tiny import build_tiny_model, load_tiny_tokenizer
+    from rlhf_ray.fixtures.tiny import build_tiny_model, load_tiny_tokenizer
 
     if size != "large":
         return build_tiny_model(out, flavour=size, seed=0)
@@ -127,7 +127,7 @@ def write_model(out: Path, size: str) -> Path:
     import torch
     from transformers import LlamaForCausalLM
 
-    from rlhf_ray.models.tiny import build_tiny_config
+    from rlhf_ray.fixtures.tiny import build_tiny_config
 
     config = build_tiny_config("bench")
     config.hidden_size, config.intermediate_size, config.num_hidden_layers = 1024, 2816, 8
@@ -152,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from rlhf_ray.rollout.config import GeneratorSection
-    from rlhf_ray.rollout.group import GeneratorGroup
-    from rlhf_ray.rollout.standin_trainer import StandInTrainerWorker
-    from rlhf_ray.workers.group import GroupSpec, WorkerGroup
+    from rlhf_ray.workers.generator_group import GeneratorGroup
+    from rlhf_ray.fixtures.standin_trainer import StandInTrainerWorker
+    from rlhf_ray.placement.groups import GroupSpec
+    from rlhf_ray.workers.group import WorkerGroup
 
     sizes, engine_counts = (["bench"], [1]) if args.quick else (["bench", "large"], [1, 2])
     channels = ["object_store", "gloo"]

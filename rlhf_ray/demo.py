@@ -6,7 +6,7 @@ Every stage is the command a user would type, printed before it runs, so the dem
     python -m rlhf_ray.demo --out /tmp/d    # elsewhere
     python -m rlhf_ray.demo --only grpo     # one stage (earlier outputs must exist)
 
-Data: arithmetic questions ("What is 3 + 5?") from rlhf_ray/data/synthetic.py, whose answers can be checked, so
+Data: arithmetic questions ("What is 3 + 5?") from rlhf_ray/fixtures/demo_data.py, whose answers can be checked, so
 the RL stages can show the reward before and after. Model: the 'debug' tiny Llama (random init, bundled tokenizer).
 One local Ray cluster is started for the whole demo and every job joins it through RAY_ADDRESS.
 """
@@ -74,8 +74,8 @@ def stage_commands(out: Path) -> dict[str, list[list[str]]]:
 
 
 def write_inputs(out: Path) -> None:
-    from rlhf_ray.data.synthetic import make_problems, number_preference_rows, prompt_rows, sft_rows, write_jsonl
-    from rlhf_ray.models.tiny import build_tiny_model
+    from rlhf_ray.fixtures.demo_data import make_problems, number_preference_rows, prompt_rows, sft_rows, write_jsonl
+    from rlhf_ray.fixtures.tiny import build_tiny_model
 
     problems = make_problems(1024, seed=0, max_operand=10)
     write_jsonl(sft_rows(problems[:512]), out / "raw" / "sft.jsonl")

@@ -32,7 +32,7 @@ def _ray_bin() -> str:
 
 
 def _free_port() -> int:
-    from rlhf_ray.workers.base import free_port
+    from rlhf_ray.utils import free_port
 
     return free_port()
 

@@ -48,6 +48,6 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised 'debug' tiny Llama (head_dim 64) with the bundled tokenizer, HF format."""
-    from rlhf_ray.models.tiny import build_tiny_model
+    from rlhf_ray.fixtures.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-debug", flavour="debug", seed=0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_ray.data.synthetic import number_preference_rows
+from rlhf_ray.fixtures.demo_data import number_preference_rows
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = str(REPO / "rlhf_ray/assets/templates/tiny.json")
@@ -24,21 +24,21 @@ def _prepare(kind: str, source: Path, tokenizer_dir, out: Path) -> Path:
 
 
 def prepare_prompts(tokenizer_dir, out: Path, count: int = 256, seed: int = 5) -> Path:
-    from rlhf_ray.data.synthetic import make_problems, prompt_rows, write_jsonl
+    from rlhf_ray.fixtures.demo_data import make_problems, prompt_rows, write_jsonl
 
     source = write_jsonl(prompt_rows(make_problems(count, seed=seed)), out.with_suffix(".jsonl"))
     return _prepare("prompt", source, tokenizer_dir, out)
 
 
 def prepare_ptx(tokenizer_dir, out: Path, count: int = 256, seed: int = 7) -> Path:
-    from rlhf_ray.data.synthetic import make_problems, ptx_rows, write_jsonl
+    from rlhf_ray.fixtures.demo_data import make_problems, ptx_rows, write_jsonl
 
     source = write_jsonl(ptx_rows(make_problems(count, seed=seed)), out.with_suffix(".jsonl"))
     return _prepare("ptx", source, tokenizer_dir, out)
 
 
 def prepare_number_preferences(tokenizer_dir, out: Path, count: int = 512) -> Path:
-    from rlhf_ray.data.synthetic import write_jsonl
+    from rlhf_ray.fixtures.demo_data import write_jsonl
 
     source = write_jsonl(number_preference_rows(count), out.with_suffix(".jsonl"))
     return _prepare("preference", source, tokenizer_dir, out)

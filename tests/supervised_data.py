@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from rlhf_ray.data import synthetic
-from rlhf_ray.models.tiny import TOKENIZER_DIR
+from rlhf_ray.fixtures.tiny import TOKENIZER_DIR
 
 TEMPLATE = Path(synthetic.__file__).resolve().parent.parent / "assets" / "templates" / "tiny.json"
 

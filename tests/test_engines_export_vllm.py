@@ -13,7 +13,7 @@ import pytest
 import torch
 from engines_harness import make_data, make_engine, run_steps
 
-from rlhf_ray.models.tiny import load_tiny_tokenizer
+from rlhf_ray.fixtures.tiny import load_tiny_tokenizer
 
 pytestmark = [pytest.mark.vllm,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM (CPU build) not installed")]

@@ -16,7 +16,8 @@ import pytest
 import torch
 from engines_harness import EngineWorker, make_data, make_engine, run_steps
 
-from rlhf_ray.workers.group import GroupSpec, WorkerGroup
+from rlhf_ray.placement.groups import GroupSpec
+from rlhf_ray.workers.group import WorkerGroup
 
 pytestmark = pytest.mark.ray
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 
 from rlhf_ray.rollout.config import GeneratorSection
-from rlhf_ray.rollout.group import GeneratorGroup
-from rlhf_ray.rollout.standin_trainer import StandInTrainerWorker
-from rlhf_ray.workers.group import GroupSpec, WorkerGroup
+from rlhf_ray.workers.generator_group import GeneratorGroup
+from rlhf_ray.fixtures.standin_trainer import StandInTrainerWorker
+from rlhf_ray.placement.groups import GroupSpec
+from rlhf_ray.workers.group import WorkerGroup
 
 pytestmark = [pytest.mark.ray]
 
@@ -46,7 +47,7 @@ def trainer(ray_cluster, tiny_model_dir):
 
 
 def test_hf_contract_with_padding(ray_cluster, tiny_model_dir):
-    from rlhf_ray.models.tiny import load_tiny_tokenizer
+    from rlhf_ray.fixtures.tiny import load_tiny_tokenizer
 
     section = GeneratorSection(backend="hf", num_engines=1, cpus_per_engine=0.5, max_prompt_len=8,
                                max_new_tokens=MAX_NEW, n_samples_per_prompt=3, temperature=0.9, top_k=50)

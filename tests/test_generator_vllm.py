@@ -18,9 +18,10 @@ import pytest
 import ray
 
 from rlhf_ray.rollout.config import GeneratorSection
-from rlhf_ray.rollout.group import GeneratorGroup
-from rlhf_ray.rollout.standin_trainer import StandInTrainerWorker
-from rlhf_ray.workers.group import GroupSpec, WorkerGroup
+from rlhf_ray.workers.generator_group import GeneratorGroup
+from rlhf_ray.fixtures.standin_trainer import StandInTrainerWorker
+from rlhf_ray.placement.groups import GroupSpec
+from rlhf_ray.workers.group import WorkerGroup
 
 # find_spec, not importorskip: importing vLLM in the pytest process costs seconds and is not needed here
 pytestmark = [pytest.mark.ray, pytest.mark.vllm,
@@ -71,7 +72,7 @@ def assert_matches_trainer(group: GeneratorGroup, trainer: WorkerGroup, prompts,
 
 
 def test_generate_contract(generators, tiny_model_dir):
-    from rlhf_ray.models.tiny import load_tiny_tokenizer
+    from rlhf_ray.fixtures.tiny import load_tiny_tokenizer
 
     prompts = make_prompts(7) + [list(range(5, 25))]             # the last one is 20 tokens > max_prompt_len 16
     result = generators.generate(prompts)

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import shared_path
-from rlhf_ray.data.synthetic import make_problems, prompt_rows
+from rlhf_ray.fixtures.demo_data import make_problems, prompt_rows
 from rlhf_ray.rewards import (REWARD_SOURCES, RemoteRewardError, build_reward_source, extract_final_answer,
                               load_rule_function)
 

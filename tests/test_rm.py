@@ -82,7 +82,8 @@ def test_frozen_worker_serves_the_exported_reward_model(rm_run):
     from rlhf_ray.config.sections import ModelSection, ParallelSection, TrainSection
     from rlhf_ray.data.collators import PreferenceCollator
     from rlhf_ray.data.loading import load_prepared
-    from rlhf_ray.workers.group import GroupSpec, WorkerGroup
+    from rlhf_ray.placement.groups import GroupSpec
+    from rlhf_ray.workers.group import WorkerGroup
     from rlhf_ray.workers.trainer import TrainerWorker
 
     root, eval_dir, _ = rm_run

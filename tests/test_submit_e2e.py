@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from rlhf_ray.data.synthetic import write_demo_data
+from rlhf_ray.fixtures.demo_data import write_demo_data
 from rlhf_ray.localcluster import LocalCluster
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +49,8 @@ def test_worker_group_lands_on_its_pool(local_cluster):
     code = """
 import ray, json
 from rlhf_ray.workers.base import RankedWorker
-from rlhf_ray.workers.group import GroupSpec, WorkerGroup
+from rlhf_ray.placement.groups import GroupSpec
+from rlhf_ray.workers.group import WorkerGroup
 ray.init(address="auto", log_to_driver=False)
 group = WorkerGroup(RankedWorker, GroupSpec(num_workers=1, cpus_per_worker=0.5, pool="gen"), name="gen")
 node = group.call_rank(0, "node_id")

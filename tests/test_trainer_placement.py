@@ -4,7 +4,7 @@ import pytest
 
 from rlhf_ray.config.sections import ParallelSection
 from rlhf_ray.placement import ClusterCapacity, NodeCapacity, ResourcePlan, spec_from_parallel
-from rlhf_ray.workers.group import GroupSpec
+from rlhf_ray.placement.groups import GroupSpec
 
 
 def _cluster(*nodes):

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from rlhf_ray.config.sections import ModelSection, ParallelSection, TrainSection
-from rlhf_ray.workers.group import GroupSpec, WorkerGroup, split_evenly
+from rlhf_ray.placement.groups import GroupSpec
+from rlhf_ray.utils import split_evenly
+from rlhf_ray.workers.group import WorkerGroup
 from rlhf_ray.workers.trainer import TrainerWorker, merge_step_results
 
 pytestmark = pytest.mark.ray

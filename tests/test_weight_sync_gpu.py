@@ -66,7 +66,7 @@ torch.save({n: t.cpu() for n, t in receiver.receive(metadata, torch.device("cuda
 def test_nccl_broadcast_group_moves_a_bucket(tmp_path):
     from rlhf_ray.rollout.collective import join_broadcast_group
     from rlhf_ray.rollout.weight_buckets import pack_bucket
-    from rlhf_ray.workers.base import free_port
+    from rlhf_ray.utils import free_port
 
     tensors = _tensors("cuda:0")
     metadata, flat = pack_bucket(tensors)

@@ -13,7 +13,7 @@ import torch
 
 from rlhf_ray.rollout.weight_buckets import bucket_nbytes, iter_buckets, pack_bucket, unpack_bucket
 from rlhf_ray.rollout.weight_sync import resolve_channel
-from rlhf_ray.workers.base import free_port
+from rlhf_ray.utils import free_port
 
 
 def named_tensors():

@@ -3,7 +3,9 @@
 import pytest
 
 from rlhf_ray.workers.base import RankedWorker
-from rlhf_ray.workers.group import GroupSpec, WorkerGroup, split_evenly
+from rlhf_ray.placement.groups import GroupSpec
+from rlhf_ray.utils import split_evenly
+from rlhf_ray.workers.group import WorkerGroup
 
 
 class SumWorker(RankedWorker):

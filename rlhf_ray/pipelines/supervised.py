@@ -21,10 +21,10 @@ from typing import Any
 
 from pydantic import Field
 
+from rlhf_ray.checkpoint.layout import resolve_checkpoint_path
 from rlhf_ray.config.base import ConfigError, Section
 
 CHECKPOINT_STATE_FILE = "trainer_state.json"
-CONFIG_BESIDE_CHECKPOINT = "rlhf_ray_config.json"
 
 
 class SupervisedDataSection(Section):
@@ -93,31 +93,6 @@ def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> list[int
         return list(range(num_rows))
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_rows, generator=generator).tolist()
-
-
-def checkpoint_dir(cfg) -> Path:
-    """Where step_N checkpoints go: --save_dir, or a sibling of --save_path (the HF export replaces save_path
-    whole, so checkpoints must not live inside it)."""
-    if cfg.checkpoint.save_dir:
-        return Path(cfg.checkpoint.save_dir)
-    save_path = Path(cfg.checkpoint.save_path)
-    return save_path.with_name(save_path.name + "-checkpoints")
-
-
-def resolve_checkpoint_path(path: str) -> Path:
-    """A step_N directory as given, or the latest complete step_N under a save_dir."""
-    from rlhf_ray.checkpoint.atomic import is_complete, latest_checkpoint
-
-    candidate = Path(path)
-    if not candidate.is_dir():
-        raise ConfigError(f"--checkpoint_path {path}: no such checkpoint directory")
-    if is_complete(candidate):
-        return candidate
-    latest = latest_checkpoint(candidate)
-    if latest is None:
-        raise ConfigError(f"--checkpoint_path {path}: neither a complete checkpoint (no COMPLETE marker) nor a "
-                          f"directory of step_N checkpoints; point it at a step_N directory a run wrote")
-    return latest
 
 
 def _fail(prog: str, message: str) -> int:

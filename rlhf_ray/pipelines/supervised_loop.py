@@ -27,13 +27,15 @@ from typing import Any
 import ray
 
 from rlhf_ray.config.base import ConfigError
-from rlhf_ray.pipelines.supervised import (CHECKPOINT_STATE_FILE, CONFIG_BESIDE_CHECKPOINT, StepPlan, SupervisedJob,
+from rlhf_ray.checkpoint.layout import CONFIG_BESIDE_CHECKPOINT, checkpoint_dir
+from rlhf_ray.pipelines.supervised import (CHECKPOINT_STATE_FILE, StepPlan, SupervisedJob,
                                            checkpoint_dir, epoch_order)
 from rlhf_ray.placement import ClusterCapacity, ResourcePlan, connect_ray, disconnect_ray, spec_from_parallel
 from rlhf_ray.telemetry.progress import progress
 from rlhf_ray.telemetry.timers import Timers
 from rlhf_ray.telemetry.tracker import build_tracker
-from rlhf_ray.workers.group import WorkerGroup, split_evenly
+from rlhf_ray.utils import split_evenly
+from rlhf_ray.workers.group import WorkerGroup
 from rlhf_ray.workers.trainer import TrainerWorker, merge_step_results
 
 
@@ -235,7 +237,7 @@ class SupervisedRun:
 
     def save(self, state: dict[str, Any]) -> Path:
         """A resumable checkpoint step_N (engine state on every rank) plus readable copies of config and position."""
-        directory = checkpoint_dir(self.cfg) / f"step_{state['step']}"
+        directory = checkpoint_dir(self.cfg.checkpoint.save_path, self.cfg.checkpoint.save_dir) / f"step_{state['step']}"
         with self.timers("save"):
             self.policy.call_all("save_checkpoint", str(directory), state)
             self.cfg.save(directory / CONFIG_BESIDE_CHECKPOINT)

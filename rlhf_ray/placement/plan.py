@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlhf_ray.workers.group import GroupSpec
+from rlhf_ray.placement.groups import GroupSpec
 
 RESOURCE_KEYS = ("CPU", "GPU")
 

@@ -1,5 +1,5 @@
 """Built-in verifiable rewards: a GSM8K final-answer checker and an exact-number checker for the bundled
-arithmetic data (`rlhf_ray/data/synthetic.py`). Reward 1.0 for a correct answer, 0.0 otherwise.
+arithmetic data (`rlhf_ray/fixtures/demo_data.py`). Reward 1.0 for a correct answer, 0.0 otherwise.
 
 Final-answer extraction (GSM8K), first match wins:
     1. "#### <number>"      (the GSM8K solution format; the last such marker)

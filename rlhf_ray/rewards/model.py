@@ -41,7 +41,7 @@ class RewardModelSource(RewardSource):
     # ------------------------------------------------------------ token path
     def score_tokens_async(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> list:
         """Start scoring `(B, L)` token rows; returns one object ref per worker (rows split evenly, in order)."""
-        from rlhf_ray.workers.group import split_evenly
+        from rlhf_ray.utils import split_evenly
 
         rows = list(range(sequences.shape[0]))
         shards = [{"sequences": sequences[ix], "attention_mask": attention_mask[ix]} if ix else None

@@ -80,7 +80,7 @@ class BroadcastChannel(WeightChannel):
 
     def connect(self, receivers: Sequence[Any], ranks_per_engine: Sequence[int], group_id: str,
                 timeout_s: float) -> None:
-        from rlhf_ray.workers.base import free_port
+        from rlhf_ray.utils import free_port
 
         self.close()
         super().connect(receivers, ranks_per_engine, group_id, timeout_s)

@@ -7,14 +7,9 @@ the process group itself; no torchrun is involved.
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+from rlhf_ray.utils import free_port
 
 
 class RankedWorker:

@@ -1,7 +1,7 @@
 """GeneratorWorker: the Ray actor that owns one generation engine (vLLM or transformers).
 
 It is thin on purpose: generation and weight loading live in the backend (rollout/backends/), dispatch and
-retries in the driver-side GeneratorGroup (rollout/group.py). What the actor adds is the policy version: every
+retries in the driver-side GeneratorGroup (workers/generator_group.py). What the actor adds is the policy version: every
 rollout is stamped with the version of the weights that produced it, and generation is refused while an update
 session is open (half the layers would still be old).
 """

@@ -27,7 +27,7 @@ import torch
 
 from rlhf_ray.config.sections import ModelSection, ParallelSection, TrainSection
 from rlhf_ray.workers.base import RankedWorker
-from rlhf_ray.workers.group import split_evenly
+from rlhf_ray.utils import split_evenly
 from rlhf_ray.workers.objectives import build_objective, shifted_token_logprobs
 
 MODEL_KINDS = ("causal_lm", "value")

@@ -14,9 +14,9 @@ from data_helpers import TEMPLATES, cached_tokenizer, labeled_segments
 from rlhf_ray.data.collators import PreferenceCollator, PromptCollator, SFTCollator
 from rlhf_ray.data.formats import convert_row, iter_rows
 from rlhf_ray.data.loading import load_prepared, load_summary
-from rlhf_ray.data.synthetic import write_demo_data
+from rlhf_ray.fixtures.demo_data import write_demo_data
 from rlhf_ray.data.tokenize import IGNORE_INDEX
-from rlhf_ray.models.tiny import TOKENIZER_DIR
+from rlhf_ray.fixtures.tiny import TOKENIZER_DIR
 from rlhf_ray.pipelines.prepare import main
 
 TINY = ["--tokenizer_dir", str(TOKENIZER_DIR), "--conversation_template_config", str(TEMPLATES / "tiny.json")]

@@ -8,7 +8,7 @@ from data_helpers import TEMPLATES, cached_tokenizer
 
 from rlhf_ray.data.template import ASSISTANT, HUMAN, SYSTEM, ConversationTemplate, load_template
 from rlhf_ray.data.template_derive import TemplateDerivationError, derive_template
-from rlhf_ray.models.tiny import TOKENIZER_DIR
+from rlhf_ray.fixtures.tiny import TOKENIZER_DIR
 
 CHATML = {
     "human_line_start": "<|im_start|>user\n", "human_line_end": "<|im_end|>\n",

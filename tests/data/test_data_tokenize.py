@@ -9,7 +9,7 @@ from rlhf_ray.data.formats import convert_row, iter_rows
 from rlhf_ray.data.template import ASSISTANT, HUMAN, SYSTEM, load_template
 from rlhf_ray.data.template_derive import derive_template
 from rlhf_ray.data.tokenize import IGNORE_INDEX, token_mask, tokenize_records
-from rlhf_ray.models.tiny import TOKENIZER_DIR
+from rlhf_ray.fixtures.tiny import TOKENIZER_DIR
 
 CONVO = [(HUMAN, "What is 2 + 2?"), (ASSISTANT, "It is 4."), (HUMAN, "And 3 + 3?"), (ASSISTANT, "That is 6!")]
 

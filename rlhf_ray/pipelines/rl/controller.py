@@ -30,6 +30,7 @@ import torch
 
 from rlhf_ray.buffer import ReplayBuffer
 from rlhf_ray.checkpoint.atomic import atomic_directory
+from rlhf_ray.checkpoint.layout import CONFIG_BESIDE_CHECKPOINT, checkpoint_dir
 from rlhf_ray.config.base import ConfigError
 from rlhf_ray.pipelines.rl.async_mode import AsyncCollector
 from rlhf_ray.pipelines.rl.config import BufferPlan
@@ -38,10 +39,9 @@ from rlhf_ray.pipelines.rl.experience import (AdvantageSettings, build_experienc
 from rlhf_ray.pipelines.rl.metrics import merge_update_results, staleness_metrics
 from rlhf_ray.rewards.base import summarize_rewards
 from rlhf_ray.telemetry.timers import Timers
-from rlhf_ray.workers.group import split_evenly
+from rlhf_ray.utils import split_evenly
 
 RL_STATE_FILE = "rl_state.json"
-CONFIG_BESIDE_CHECKPOINT = "rlhf_ray_config.json"
 
 
 def split_call(group, method: str, batch: dict, **kwargs) -> list:
@@ -226,9 +226,7 @@ class RLController:
 
     # ------------------------------------------------------------ checkpoints and export
     def checkpoint_dir(self) -> Path:
-        from rlhf_ray.pipelines.supervised import checkpoint_dir
-
-        return checkpoint_dir(self.cfg)
+        return checkpoint_dir(self.cfg.checkpoint.save_path, self.cfg.checkpoint.save_dir)
 
     def _state(self, episodes_done: int) -> dict:
         return {"episode": episodes_done, "policy_version": self.version, "kl_coef": self.kl_ctl.value,

@@ -76,7 +76,7 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
     """
     import ray
 
-    from rlhf_ray.rollout.group import GeneratorGroup
+    from rlhf_ray.workers.generator_group import GeneratorGroup
     from rlhf_ray.workers.rl_actor import RLWorker
 
     pg = {role: placement_groups[plan.set_of(role)] for role in plan.specs}

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_ray.config.base import ConfigError
-from rlhf_ray.workers.group import GroupSpec
+from rlhf_ray.placement.groups import GroupSpec
 
 ROLE_ORDER = ("policy", "critic", "reference", "reward", "generator")
 
@@ -132,7 +132,7 @@ def check_plan(plan: RolePlan) -> str:
 
 def reserve_bundles(plan: RolePlan) -> dict[str, Any]:
     """One placement group per set (the set's name -> PlacementGroup)."""
-    from rlhf_ray.workers.group import build_placement_group
+    from rlhf_ray.placement.groups import build_placement_group
 
     return {name: build_placement_group(bundle, name=f"rl-{name}") for name, (bundle, _) in plan.sets.items()}
 

@@ -52,7 +52,7 @@ def run_rl(cfg, job: str) -> int:
     from rlhf_ray.pipelines.rl.data import load_rl_data, template_ids
     from rlhf_ray.pipelines.rl.groups import active_roles
     from rlhf_ray.pipelines.rl.roles import plan_roles
-    from rlhf_ray.pipelines.supervised import resolve_checkpoint_path
+    from rlhf_ray.checkpoint.layout import resolve_checkpoint_path
 
     prog = f"rlhf-ray {job}"
     try:

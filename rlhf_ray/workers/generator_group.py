@@ -37,7 +37,8 @@ from rlhf_ray.rollout.dispatch import (DEAD, READY, RECOVERING, STALE, EngineLoa
 from rlhf_ray.rollout.types import PromptChunk, PromptRollout, RolloutResult, apply_prompt_limit
 from rlhf_ray.rollout.weight_sync import ObjectStoreChannel, WeightSender, resolve_channel
 from rlhf_ray.workers.generator import GeneratorWorker
-from rlhf_ray.workers.group import GroupSpec, WorkerGroup
+from rlhf_ray.placement.groups import GroupSpec
+from rlhf_ray.workers.group import WorkerGroup
 
 
 class GeneratorGroup:

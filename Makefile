@@ -35,7 +35,7 @@ test: install
 	$(PY) -m pytest tests
 
 bench: install
-	$(PY) -m benchmarks.run_all
+	$(PY) -m rlhf_ray.cli bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("rlhf_ray.pipelines.dpo", "direct preference optimisation (DPO, IPO, SimPO)"),
     "ppo": ("rlhf_ray.pipelines.ppo", "PPO with actor, critic, reward and reference groups and vLLM rollouts"),
     "grpo": ("rlhf_ray.pipelines.grpo", "GRPO / RLOO / REINFORCE++ with verifiable rewards, no critic"),
-    "bench": ("benchmarks.run_all", "run the benchmarks and print ratios against their baselines"),
+    "bench": ("rlhf_ray.benchmarks.run_all", "run the benchmarks and print ratios against their baselines"),
     "submit": ("rlhf_ray.submit", "submit any of these to a Ray cluster (ray job submit), stream logs, exit with its status"),
     "demo": ("rlhf_ray.demo", "the embedded end-to-end demo (what `make demo` runs)"),
 }

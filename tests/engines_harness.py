@@ -105,7 +105,7 @@ class EngineWorker(RankedWorker):
         return ""
 
     def train_steps(self, data: torch.Tensor, start: int, stop: int) -> list[float]:
-        tp = self.engine.tp if hasattr(self.engine, "tp") else 1
+        tp = self.engine.tp
         dp = self.world_size // tp
         return run_steps(self.engine, data, range(start, stop), dp_rank=self.rank // tp, dp=dp, value=self.value,
                          reduce=self.engine.reduce_metrics)

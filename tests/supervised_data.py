@@ -6,10 +6,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from rlhf_ray.data import synthetic
+from rlhf_ray.fixtures import demo_data
 from rlhf_ray.fixtures.tiny import TOKENIZER_DIR
 
-TEMPLATE = Path(synthetic.__file__).resolve().parent.parent / "assets" / "templates" / "tiny.json"
+TEMPLATE = Path(demo_data.__file__).resolve().parent.parent / "assets" / "templates" / "tiny.json"
 
 
 def prepare(rows: list[dict], kind: str, out_dir: Path, max_length: int = 128) -> Path:
@@ -19,7 +19,7 @@ def prepare(rows: list[dict], kind: str, out_dir: Path, max_length: int = 128) -
     if (out_dir / "summary.json").is_file():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    source = synthetic.write_jsonl(rows, out_dir.with_suffix(".jsonl"))
+    source = demo_data.write_jsonl(rows, out_dir.with_suffix(".jsonl"))
     template = out_dir.parent / "tiny-template.json"
     if not template.exists():
         shutil.copy(TEMPLATE, template)   # prepare may write derived fields back; never touch the bundled file
@@ -31,17 +31,17 @@ def prepare(rows: list[dict], kind: str, out_dir: Path, max_length: int = 128) -
 
 
 def problem_splits(n_train: int, n_eval: int, seed: int) -> tuple[list, list]:
-    problems = synthetic.make_problems(n_train + n_eval, seed=seed)
+    problems = demo_data.make_problems(n_train + n_eval, seed=seed)
     return problems[:n_train], problems[n_train:]
 
 
 def sft_data(root: Path, n_train: int = 192, n_eval: int = 64) -> tuple[Path, Path]:
     train, held_back = problem_splits(n_train, n_eval, seed=11)
-    return (prepare(synthetic.sft_rows(train), "sft", root / "sft-train"),
-            prepare(synthetic.sft_rows(held_back), "sft", root / "sft-eval"))
+    return (prepare(demo_data.sft_rows(train), "sft", root / "sft-train"),
+            prepare(demo_data.sft_rows(held_back), "sft", root / "sft-eval"))
 
 
 def verifiable_pairs(root: Path, n_train: int = 512, n_eval: int = 128) -> tuple[Path, Path]:
     """Train and held-back pairs drawn with different seeds (a question may recur; its wrong answer is fresh)."""
-    return (prepare(synthetic.verifiable_preference_rows(n_train, seed=1), "preference", root / "pairs-train"),
-            prepare(synthetic.verifiable_preference_rows(n_eval, seed=2), "preference", root / "pairs-eval"))
+    return (prepare(demo_data.verifiable_preference_rows(n_train, seed=1), "preference", root / "pairs-train"),
+            prepare(demo_data.verifiable_preference_rows(n_eval, seed=2), "preference", root / "pairs-eval"))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_ray.buffer.experience import Experience, balanced_sizes
+from rlhf_ray.buffer.experience import Experience
+from rlhf_ray.utils import split_evenly
 
 
-def make_experience(sample_ids, prompt_len: int = 3, response_len: int = 4, version: int = 0,
+def make_experience(sample_ids, prompt_len: int = 3, response_len: int = 4, version: int | None = 0,
                     pad_token_id: int = 0) -> Experience:
     """Rows whose every token encodes its sample id, so padding and order are visible."""
     ids = torch.as_tensor(sample_ids, dtype=torch.int64)
@@ -24,7 +25,7 @@ def make_experience(sample_ids, prompt_len: int = 3, response_len: int = 4, vers
 def test_split_sizes_differ_by_at_most_one_and_roundtrip():
     experience = make_experience(range(11))
     chunks = experience.split(3)
-    assert [len(c) for c in chunks] == [4, 4, 3] == balanced_sizes(11, 3)
+    assert [len(c) for c in chunks] == [4, 4, 3] == [len(part) for part in split_evenly(range(11), 3)]
     joined = Experience.concat(chunks)
     for name, tensor in experience.tensors().items():
         assert torch.equal(joined.tensors()[name], tensor), name

@@ -92,7 +92,6 @@ def test_generate_contract(generators, tiny_model_dir):
             assert sample.text == tokenizer.decode(sample.response_ids, skip_special_tokens=True)
     # both engines took chunks (8 prompts in chunks of 3), least-loaded first
     assert {r.engine_rank for r in result} == {0, 1}
-    assert generators.sleep() == [False, False] and generators.wake_up() == [False, False]   # no-ops on CPU
     # the same seed offset reproduces the samples whichever engine serves them; another offset differs
     again = generators.generate(prompts, seed_offset=0)
     assert [[s.response_ids for s in r.samples] for r in again] == [[s.response_ids for s in r.samples] for r in result]
@@ -163,7 +162,7 @@ def test_engine_crash_mid_batch_loses_and_duplicates_nothing(generators, tiny_mo
         generators.sync_weights_from(trainer, version=4)
         prompts = make_prompts(12, seed=5)
         expected = trainer.call_rank(0, "greedy_generate", prompts, MAX_NEW)
-        old_pid = ray.get(generators.workers.workers[0].state.remote())["pid"]
+        old_pid = generators.workers.call_rank(0, "state")["pid"]
         generators.inject_crash_on_next_generate(0)
         result = generators.generate(prompts, sampling={"temperature": 0, "n_samples_per_prompt": 1})
         assert result.retried_chunks >= 1 and 0 in result.failed_engines
@@ -172,7 +171,7 @@ def test_engine_crash_mid_batch_loses_and_duplicates_nothing(generators, tiny_mo
         assert result.policy_versions == {4}                     # no chunk came from a stale, restarted engine
         states = generators.wait_until_settled(timeout_s=300)
         assert states[0]["status"] == "stale" and states[0]["policy_version"] == 0   # restarted with base weights
-        assert ray.get(generators.workers.workers[0].state.remote())["pid"] != old_pid
+        assert generators.workers.call_rank(0, "state")["pid"] != old_pid
         # the next sync brings the restarted engine back into service
         generators.sync_weights_from(trainer, version=5)
         assert [s["status"] for s in generators.engine_states()] == ["ready", "ready"]
@@ -186,7 +185,7 @@ def test_engine_crash_mid_batch_loses_and_duplicates_nothing(generators, tiny_mo
 def test_engine_killed_for_good_is_routed_around(generators):
     prompts = make_prompts(6, seed=6)
     reference = generators.generate(prompts, sampling={"temperature": 0, "n_samples_per_prompt": 1})
-    ray.kill(generators.workers.workers[1], no_restart=True)
+    ray.kill(generators.workers.actor(1), no_restart=True)
     result = generators.generate(prompts, sampling={"temperature": 0, "n_samples_per_prompt": 1})
     assert [r.samples[0].response_ids for r in result] == [r.samples[0].response_ids for r in reference]
     assert {r.engine_rank for r in result} == {0}

@@ -75,8 +75,14 @@ def run_ppo(command: list[str]) -> subprocess.CompletedProcess:
     return result
 
 
-def test_ppo_cli_learns_from_a_trained_reward_model_and_checkpoints(workdir, tiny_model_dir):
-    result = run_ppo(ppo_command(workdir, tiny_model_dir, EPISODES))
+@pytest.fixture(scope="module")
+def trained(workdir, tiny_model_dir) -> subprocess.CompletedProcess:
+    """The 12-episode run and its checkpoints: a fixture, so that the resume test runs it when it runs alone."""
+    return run_ppo(ppo_command(workdir, tiny_model_dir, EPISODES))
+
+
+def test_ppo_cli_learns_from_a_trained_reward_model_and_checkpoints(workdir, trained):
+    result = trained
     assert ("experience buffer = dp (2) × num_collect_steps (1) × experience_batch_size (16) = 32 samples"
             in result.stdout)
     rows = read_jsonl_metrics(workdir / "log" / "metrics.jsonl")
@@ -104,10 +110,9 @@ def test_ppo_cli_learns_from_a_trained_reward_model_and_checkpoints(workdir, tin
     assert (workdir / "policy" / "config.json").is_file() and (workdir / "policy-critic" / "config.json").is_file()
 
 
-def test_ppo_cli_resumes_from_its_checkpoint(workdir, tiny_model_dir):
+def test_ppo_cli_resumes_from_its_checkpoint(workdir, tiny_model_dir, trained):
     directory = workdir / "policy-checkpoints"
-    if not (directory / "step_12").is_dir():
-        pytest.skip("needs the checkpoints of test_ppo_cli_learns_from_a_trained_reward_model_and_checkpoints")
+    assert (directory / "step_12" / "COMPLETE").is_file()
     result = run_ppo(ppo_command(workdir, tiny_model_dir, EPISODES + 2, "--checkpoint_path", str(directory)))
     assert f"resumed from {directory / 'step_12'}: episode 12, policy version 12" in result.stdout
     rows = read_jsonl_metrics(workdir / "log" / "metrics.jsonl")

@@ -1,5 +1,6 @@
 """Reward sources: rule files (and their errors), the GSM8K and arithmetic checkers (on real GSM8K solutions and
-the bundled arithmetic data), and the remote client against a real HTTP server on 127.0.0.1."""
+the bundled arithmetic data), the remote client against a real HTTP server on 127.0.0.1, and the one async entry
+point that text sources and the reward-model source (on a real Ray group) share."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import pytest
 
 from conftest import shared_path
 from rlhf_ray.fixtures.demo_data import make_problems, prompt_rows
-from rlhf_ray.rewards import (REWARD_SOURCES, RemoteRewardError, build_reward_source, extract_final_answer,
-                              load_rule_function)
+from rlhf_ray.rewards import (REWARD_SOURCES, RemoteRewardError, RewardBatch, build_reward_source,
+                              extract_final_answer, load_rule_function)
+from rlhf_ray.workers.base import RankedWorker
 
 # --- rule functions ---------------------------------------------------------------------------------------------
 
@@ -266,3 +268,49 @@ def test_remote_unreachable_server():
     with pytest.raises(RemoteRewardError, match="connection failed"):
         build_reward_source("remote", url="http://127.0.0.1:9/score", retries=1, backoff_s=0.01,
                             timeout_s=2).score(["p"], ["x"])
+
+
+# --- one async entry point for every source --------------------------------------------------------------------
+
+class TokenSumRewardWorker(RankedWorker):
+    """Stands in for a reward-model rank: reward = the sum of a row's real token ids."""
+
+    def compute_sequence_rewards(self, batch):
+        return (batch["sequences"] * batch["attention_mask"]).sum(dim=-1).float()
+
+
+def test_text_source_scores_asynchronously_and_hands_over_errors(rule_file):
+    source = build_reward_source("rule", spec=f"{rule_file}:contains_answer")
+    pending = source.score_async(RewardBatch(["q1", "q2"], ["it is 42", "no idea"], ["42", "7"]))
+    result = pending.result(timeout=30)
+    assert result.rewards == [1.0, 0.0] and result.metrics["reward/rule/hit"] == 0.5
+    broken = build_reward_source("rule", spec=f"{rule_file}:bad_type")
+    with pytest.raises(TypeError, match="returned 'high'"):
+        broken.score_async(RewardBatch(["a"], ["x"])).result(timeout=30)
+
+
+@pytest.mark.ray
+def test_reward_model_source_is_called_like_the_text_sources(ray_cluster):
+    import torch
+
+    from rlhf_ray.fixtures.tiny import TOKENIZER_DIR
+    from rlhf_ray.placement.groups import GroupSpec
+    from rlhf_ray.rewards.model import RewardModelSource
+    from rlhf_ray.workers.group import WorkerGroup
+
+    group = WorkerGroup(TokenSumRewardWorker, GroupSpec(num_workers=2, cpus_per_worker=0.1), name="reward-standin",
+                        setup_distributed=False)
+    try:
+        source = RewardModelSource(group, pad_token_id=0, tokenizer_dir=str(TOKENIZER_DIR))
+        sequences = torch.tensor([[1, 2, 0], [3, 4, 5], [6, 0, 0]])
+        mask = (sequences > 0).long()
+        batch = RewardBatch(["p"] * 3, ["r"] * 3, None, sequences, mask)      # rows split [2, 1] over the ranks
+        result = source.score_async(batch).result()
+        assert result.rewards == [3.0, 12.0, 6.0] and result.metrics["reward/max"] == 12.0
+        one_row = RewardBatch(["p"], ["r"], None, sequences[:1], mask[:1])    # fewer rows than ranks
+        assert source.score_async(one_row).result().rewards == [3.0]
+        # Texts only: the source tokenizes prompt + response itself; the synchronous interface gives the same.
+        ids = source._load_tokenizer()("What is 2 + 3?5", add_special_tokens=False)["input_ids"]
+        assert source.score(["What is 2 + 3?"], ["5"]).rewards == [float(sum(ids))]
+    finally:
+        group.shutdown()

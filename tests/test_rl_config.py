@@ -25,7 +25,7 @@ SEED_PPO_FLAGS = {
     "--num_collect_steps": ("2", "rl.num_collect_steps", 2),
     "--num_update_steps": ("3", "rl.num_update_steps", 3),
     "--experience_batch_size": ("8", "rl.experience_batch_size", 8),
-    "--train_batch_size": ("4", "train.train_batch_size", 4),
+    "--train_batch_size": ("4", "train.batch_size", 4),
     "--accumulation_steps": ("4", "train.accumulation_steps", 4),
     "--tp": ("1", "parallel.tp", 1),
     "--lr": ("1e-5", "train.lr", 1e-5),
@@ -64,6 +64,30 @@ def test_grpo_has_its_own_defaults_and_no_critic():
     assert ppo.algorithm.advantage_estimator == "gae" and ppo.algorithm.resolved_kl_estimator == "k1"
     for defaults in (cfg, ppo):                  # the defaults satisfy the buffer arithmetic
         BufferPlan.from_config(defaults).check()
+
+
+def test_job_defaults_survive_a_partial_section(tmp_path):
+    """GRPO's defaults are TrainSection/AlgorithmSection instances: a flag or YAML key for one field keeps the rest."""
+    cfg = parse_config(GRPOConfig, ["--lr", "1e-6", "--norm_adv_by_std", "false"], "rlhf-ray grpo")
+    assert (cfg.train.batch_size, cfg.train.accumulation_steps, cfg.train.lr) == (16, 2, 1e-6)
+    assert cfg.algorithm.advantage_estimator == "grpo" and cfg.algorithm.kl_coef == 0.01
+    path = tmp_path / "grpo.yaml"
+    path.write_text("train:\n  seed: 3\ngenerator:\n  temperature: 0.7\n")
+    cfg = parse_config(GRPOConfig, ["--config", str(path)], "rlhf-ray grpo")
+    assert (cfg.train.batch_size, cfg.train.seed, cfg.generator.n_samples_per_prompt) == (16, 3, 4)
+
+
+def test_seed_names_inside_their_section_load_from_yaml(tmp_path):
+    """YAML files written with the former field names (`critic: {critic_lr: ...}`) keep loading."""
+    path = tmp_path / "ppo.yaml"
+    path.write_text("train:\n  train_batch_size: 2\ncritic:\n  critic_lr: 0.5\n  critic_pool: a\n"
+                    "reference:\n  ref_num_workers: 3\nreward:\n  reward_gpus_per_worker: 0.5\nref_pool: b\n")
+    cfg = parse_config(PPOConfig, ["--config", str(path)], "rlhf-ray ppo")
+    assert (cfg.train.batch_size, cfg.critic.lr, cfg.critic.pool) == (2, 0.5, "a")
+    assert (cfg.reference.num_workers, cfg.reference.pool, cfg.reward.gpus_per_worker) == (3, "b", 0.5)
+    path.write_text("critic:\n  ref_pool: a\n")        # a bare name of another section is not taken there
+    with pytest.raises(ConfigError, match="unknown key 'critic.ref_pool'"):
+        parse_config(PPOConfig, ["--config", str(path)], "rlhf-ray ppo")
 
 
 def test_unknown_estimator_lists_the_known_ones():
@@ -157,6 +181,10 @@ def test_colocation_shares_bundles(tiny_model_dir):
     assert plan.specs["policy"].cpus_per_worker == plan.specs["reference"].cpus_per_worker == 1.0
     assert plan.sets["critic+reward"][0].num_workers == 2
     assert plan.specs["generator"].cpus_per_worker == 1.0 and plan.set_of("generator") == "generator"
+    # what each role's workers are handed: the critic has the policy's ranks on its own resources
+    critic, reference = plan.layouts["critic"], plan.layouts["reference"]
+    assert (critic.num_workers, critic.tp, critic.cpus_per_worker) == (2, 1, 1.0)
+    assert (reference.num_workers, reference.tp, plan.layouts["reward"].num_workers) == (1, 1, 1)
 
     everything = _cfg(PPOConfig, tiny_model_dir, "--num_workers", "2", "--colocate_all", "--num_engines", "2")
     plan = plan_roles(everything, active_roles(everything))

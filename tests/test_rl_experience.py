@@ -57,7 +57,7 @@ def test_finalize_grpo_matches_the_estimator_and_keeps_kl_out_of_the_reward():
     exp = build_experience(_rollouts(), PAD)
     exp.scores = torch.tensor([1.0, 0.0, 0.5, 0.25])
     exp.ref_logprobs = exp.rollout_logprobs - 0.1
-    settings = AdvantageSettings(estimator="grpo", kl_mode="loss", kl_estimator="low_var_kl")
+    settings = AdvantageSettings(advantage_estimator="grpo", kl_mode="loss", kl_estimator="low_var_kl")
     exp, metrics = finalize_experience(exp, settings, kl_coef=0.5)
     rewards = torch.zeros(4, 3)
     rewards[0, 2], rewards[1, 0], rewards[2, 1] = 1.0, 0.0, 0.5            # score on each last kept token
@@ -73,7 +73,8 @@ def test_finalize_gae_puts_the_kl_penalty_in_the_reward():
     exp.old_logprobs = exp.rollout_logprobs.clone()
     exp.ref_logprobs = exp.rollout_logprobs - 0.2
     exp.values = torch.full((4, 3), 0.1)
-    exp, metrics = finalize_experience(exp, AdvantageSettings(estimator="gae", gamma=1.0, lam=0.95), kl_coef=0.1)
+    settings = AdvantageSettings(advantage_estimator="gae", gamma=1.0, lam=0.95)
+    exp, metrics = finalize_experience(exp, settings, kl_coef=0.1)
     kl = compute_kl(exp.old_logprobs, exp.ref_logprobs, "k1") * exp.response_mask        # 0.2 on kept tokens
     assert torch.allclose(exp.rewards[0], torch.tensor([-0.02, -0.02, 1.0 - 0.02]))
     assert torch.allclose(exp.rewards[1], torch.tensor([-1.0 - 0.02, 0.0, 0.0]))
@@ -90,13 +91,17 @@ def test_every_registered_estimator_runs_through_finalize(estimator, norm_by_std
     exp.values = torch.full((4, 3), 0.2)
     exp.old_logprobs = exp.rollout_logprobs.clone()
     exp.ref_logprobs = exp.rollout_logprobs - 0.05
-    settings = AdvantageSettings(estimator=estimator, norm_by_std=norm_by_std, kl_mode="reward")
+    settings = AdvantageSettings(advantage_estimator=estimator, norm_adv_by_std=norm_by_std, kl_mode="reward")
     exp, metrics = finalize_experience(exp, settings, kl_coef=0.1)
     outside = 1 - exp.response_mask
     assert torch.isfinite(exp.advantages).all() and torch.isfinite(exp.returns).all()
     assert (exp.advantages * outside).abs().sum() == 0 and (exp.returns * outside).abs().sum() == 0
-    assert exp.advantages[exp.response_mask.bool()].abs().sum() > 0
-    assert metrics["advantages/std"] >= 0
+    kept = exp.advantages[exp.response_mask.bool()]
+    assert kept.abs().sum() > 0
+    # the logged summary describes the advantages that were kept (response tokens only), not the padded tensor
+    assert metrics["advantages/std"] == pytest.approx(kept.std().item()) and metrics["advantages/std"] > 0
+    assert metrics["advantages/mean"] == pytest.approx(kept.mean().item())
+    assert (metrics["advantages/min"], metrics["advantages/max"]) == (kept.min().item(), kept.max().item())
 
 
 def _tiny_llama(seed: int = 0):

@@ -76,7 +76,8 @@ def test_log_exp_and_log_sig_objectives_agree():
 
 
 def test_frozen_worker_serves_the_exported_reward_model(rm_run):
-    """The reward role of PPO: a frozen value TrainerWorker on the exported RM gives the rewards transformers gives."""
+    """The reward role of PPO: a frozen value RLWorker on the exported RM gives the rewards transformers gives, and
+    its per-token values hold that reward at each row's last real token."""
     from transformers import AutoModelForSequenceClassification
 
     from rlhf_ray.config.sections import ModelSection, ParallelSection, TrainSection
@@ -84,24 +85,29 @@ def test_frozen_worker_serves_the_exported_reward_model(rm_run):
     from rlhf_ray.data.loading import load_prepared
     from rlhf_ray.placement.groups import GroupSpec
     from rlhf_ray.workers.group import WorkerGroup
-    from rlhf_ray.workers.trainer import TrainerWorker
+    from rlhf_ray.workers.rl_actor import RLWorker
 
     root, eval_dir, _ = rm_run
     batch = PreferenceCollator(pad_token_id=0)(load_prepared(eval_dir, "preference").to_list()[:8])
-    batch = {"input_ids": batch["rejected_input_ids"], "attention_mask": batch["rejected_attention_mask"]}
-    group = WorkerGroup(TrainerWorker, GroupSpec(num_workers=1, cpus_per_worker=0.5), name="reward",
+    pad = torch.zeros(8, 1, dtype=torch.long)      # one more pad column: every row ends before the last position
+    batch = {"sequences": torch.cat([batch["rejected_input_ids"], pad], dim=1),
+             "attention_mask": torch.cat([batch["rejected_attention_mask"], pad], dim=1)}
+    length = batch["sequences"].shape[1]
+    group = WorkerGroup(RLWorker, GroupSpec(num_workers=1, cpus_per_worker=0.5), name="reward",
                         worker_kwargs={"model": ModelSection(pretrain=str(root / "model")).model_dump(),
                                        "train": TrainSection().model_dump(),
                                        "parallel": ParallelSection(cpus_per_worker=0.5).model_dump(),
-                                       "model_kind": "value", "frozen": True})
+                                       "model_kind": "value", "frozen": True, "forward_batch_size": 3})
     try:
         group.call_all("build")
-        rewards = group.call_rank(0, "compute_rewards", batch)
-        values = group.call_rank(0, "compute_values", batch)
+        rewards = group.call_rank(0, "compute_sequence_rewards", batch)
+        values = group.call_rank(0, "compute_response_values", {**batch, "response_len": length - 1})
     finally:
         group.shutdown()
     model = AutoModelForSequenceClassification.from_pretrained(root / "model").eval()
     with torch.no_grad():
-        expected = model(**batch).logits.squeeze(-1)
+        expected = model(input_ids=batch["sequences"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
     torch.testing.assert_close(rewards, expected, rtol=1e-5, atol=1e-5)
-    assert values.shape == batch["input_ids"].shape
+    assert values.shape == (8, length - 1)                # the value of the state at positions 0 .. L-2
+    last = batch["attention_mask"].sum(dim=1) - 1
+    torch.testing.assert_close(values[torch.arange(8), last], rewards, rtol=1e-5, atol=1e-5)

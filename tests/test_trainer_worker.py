@@ -71,18 +71,16 @@ def test_two_ranks_with_accumulation_take_the_same_steps_as_one(one_and_two_rank
     assert checksums[1] == pytest.approx(checksums[0], rel=1e-6)
 
 
-def test_logprobs_weights_and_export_agree_with_transformers(one_and_two_ranks, uneven_rows, tmp_path):
+def test_weights_export_and_reference_logprobs_agree_with_transformers(one_and_two_ranks, uneven_rows, tmp_path):
+    """The trained ranks stream the weights they export; a frozen RLWorker on the export (PPO's reference role)
+    scores the log-probs transformers computes."""
     import ray
     from transformers import AutoModelForCausalLM
 
     from rlhf_ray.data.collators import SFTCollator
+    from rlhf_ray.workers.rl_actor import RLWorker
 
     _, double = one_and_two_ranks
-    batch = SFTCollator(pad_token_id=0)(uneven_rows[:4])
-    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    logprobs = double.call_rank(0, "compute_logprobs", batch)
-    assert logprobs.shape == (4, batch["input_ids"].shape[1] - 1)
-
     streamed = {}
     for ref in double.workers[0].iter_weights.remote():    # a Ray streaming generator: one tensor at a time
         name, tensor = ray.get(ref)
@@ -94,8 +92,24 @@ def test_logprobs_weights_and_export_agree_with_transformers(one_and_two_ranks, 
     assert set(streamed) == set(model.state_dict())
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(streamed[name], tensor)
+
+    batch = SFTCollator(pad_token_id=0)(uneven_rows[:4])
+    length = batch["input_ids"].shape[1]
+    reference = WorkerGroup(RLWorker, GroupSpec(num_workers=1, cpus_per_worker=0.5), name="reference",
+                            worker_kwargs={"model": ModelSection(pretrain=str(out)).model_dump(),
+                                           "train": TrainSection().model_dump(),
+                                           "parallel": ParallelSection(cpus_per_worker=0.5).model_dump(),
+                                           "frozen": True, "forward_batch_size": 3})   # 2 chunks: 3 rows + 1
+    try:
+        reference.call_all("build")
+        logprobs = reference.call_rank(0, "compute_response_logprobs",
+                                       {"sequences": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                                        "response_len": length - 1})
+    finally:
+        reference.shutdown()
+    assert logprobs.shape == (4, length - 1)
     with torch.no_grad():
-        logits = model(**batch).logits[:, :-1].float()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
     expected = torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
     mask = batch["attention_mask"][:, 1:].bool()
     torch.testing.assert_close(logprobs[mask], expected[mask], rtol=1e-4, atol=1e-4)

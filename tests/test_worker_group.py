@@ -1,11 +1,13 @@
 """WorkerGroup on the real local Ray cluster: ranks, gloo rendezvous, and per-rank data dispatch."""
 
 import pytest
+import ray
+import torch
 
 from rlhf_ray.workers.base import RankedWorker
 from rlhf_ray.placement.groups import GroupSpec
 from rlhf_ray.utils import split_evenly
-from rlhf_ray.workers.group import WorkerGroup
+from rlhf_ray.workers.group import WorkerGroup, split_rows
 
 
 class SumWorker(RankedWorker):
@@ -19,6 +21,16 @@ class SumWorker(RankedWorker):
 
     def echo(self, shard):
         return self.rank, list(shard)
+
+    def echo_update(self, chunk, ptx, *, steps):
+        return self.rank, chunk, ptx, steps
+
+    def scale_rows(self, batch):
+        self.last_rows = batch["x"].tolist()
+        return batch["x"] * batch["factor"]
+
+    def rows_seen(self):
+        return getattr(self, "last_rows", None)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +52,36 @@ def test_split_goes_to_data_parallel_ranks(tp_group):
     assert results == [(0, [0, 1, 2, 3]), (1, [0, 1, 2, 3]), (2, [4, 5, 6]), (3, [4, 5, 6])]
     with pytest.raises(ValueError, match="dp=2"):
         tp_group.call_split("echo", [[1]])
+
+
+def test_per_dp_arguments_reach_every_rank_of_their_tp_group(tp_group):
+    # Two per-dp-group arguments (the buffer's refs and the ptx rows, say) and a keyword for every rank.
+    chunks = [[ray.put("a0"), ray.put("a1")], [ray.put("b0")]]
+    results = tp_group.call_split("echo_update", chunks, ["ptx-0", None], steps=3)
+    assert [(rank, ptx, steps) for rank, _, ptx, steps in results] == [(0, "ptx-0", 3), (1, "ptx-0", 3),
+                                                                       (2, None, 3), (3, None, 3)]
+    # Refs inside a list are not resolved on the way: the ranks of dp group 0 hold the same refs, to fetch.
+    assert [ray.get(chunk) for _, chunk, _, _ in results] == [["a0", "a1"], ["a0", "a1"], ["b0"], ["b0"]]
+    with pytest.raises(ValueError, match=r"got 1 shards for dp=2 \(world 4 / tp 2\)"):
+        tp_group.call_split("echo_update", chunks, ["ptx-0"], steps=3)
+
+
+def test_rows_split_over_dp_groups_one_result_per_group_in_row_order(tp_group):
+    batch = {"x": torch.arange(5), "factor": 10}
+    refs = tp_group.call_rows_async("scale_rows", batch)
+    assert torch.cat(ray.get(refs)).tolist() == [0, 10, 20, 30, 40]          # one result per dp group, in order
+    assert tp_group.call_all("rows_seen") == [[0, 1, 2], [0, 1, 2], [3, 4], [3, 4]]   # TP ranks got the same rows
+    # Fewer rows than dp groups: the group without rows is not called.
+    refs = tp_group.call_rows_async("scale_rows", {"x": torch.tensor([7]), "factor": 2})
+    assert [r.tolist() for r in ray.get(refs)] == [[14]]
+    assert tp_group.call_all("rows_seen") == [[7], [7], [3, 4], [3, 4]]
+
+
+def test_split_rows_copies_shared_values_and_marks_empty_shards():
+    shards = split_rows({"x": torch.arange(6).view(3, 2), "response_len": 2}, 4)
+    assert [s and s["x"].tolist() for s in shards] == [[[0, 1]], [[2, 3]], [[4, 5]], None]
+    assert shards[0]["response_len"] == 2
+    assert shards[0]["x"].untyped_storage().nbytes() == 2 * 8         # a copy, not a view of the whole batch
 
 
 def test_split_evenly_loses_nothing():

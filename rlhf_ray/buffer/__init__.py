@@ -1,7 +1,11 @@
-"""The distributed replay buffer: `Experience` (the per-sample tensors), `ReplayShard` actors (one per trainer
-data-parallel rank, holding object refs with their policy version) and the driver-side `ReplayBuffer`."""
+"""Experience and its replay buffer.
 
-from rlhf_ray.buffer.experience import Experience, balanced_sizes
-from rlhf_ray.buffer.replay_buffer import ReplayBuffer, sample_experience, take_experience
+    experience.py      Experience: the per-sample tensors (pure torch, no Ray)
+    replay_buffer.py   ReplayBuffer: the driver-side store of per-rank object refs; fetch_experience for the ranks
 
-__all__ = ["Experience", "ReplayBuffer", "balanced_sizes", "sample_experience", "take_experience"]
+Importing the package loads no Ray: import ReplayBuffer from `rlhf_ray.buffer.replay_buffer`.
+"""
+
+from rlhf_ray.buffer.experience import Experience
+
+__all__ = ["Experience"]

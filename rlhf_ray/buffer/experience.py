@@ -19,7 +19,7 @@ Layout of one sample (the vocabulary used across rlhf-ray):
     extras          name -> (batch, ...)                anything else per sample (e.g. sample ids for tracing)
 
 Only sequences, attention_mask and response_mask are required. No Ray here: this is a plain container with
-split / concat / select helpers; the buffer moves it through the object store.
+split / concat / select helpers; the replay buffer (replay_buffer.py) moves it through the object store.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from rlhf_ray.utils import split_evenly
 
 RESPONSE_FIELDS = ("response_mask", "old_logprobs", "rollout_logprobs", "ref_logprobs", "values", "rewards",
                    "advantages", "returns")
@@ -129,7 +131,7 @@ class Experience:
 
     def split(self, num_chunks: int) -> list["Experience"]:
         """`num_chunks` contiguous chunks whose sizes differ by at most one (the first ones are larger)."""
-        return self.split_sizes(balanced_sizes(self.batch_size, num_chunks))
+        return self.split_sizes([len(part) for part in split_evenly(range(self.batch_size), num_chunks)])
 
     def split_sizes(self, sizes: Sequence[int]) -> list["Experience"]:
         """Contiguous chunks of the given sizes (which must add up to the batch size; zeros are allowed)."""
@@ -190,14 +192,6 @@ class Experience:
                 parts = [_pad_right(part, width, 0) for part in parts]
             extras[name] = torch.cat(parts, dim=0)
         return Experience(**merged, extras=extras)
-
-
-def balanced_sizes(total: int, num_chunks: int) -> list[int]:
-    """Split `total` into `num_chunks` sizes that differ by at most one, larger first."""
-    if num_chunks < 1:
-        raise ValueError(f"number of chunks must be >= 1 (got {num_chunks})")
-    base, extra = divmod(total, num_chunks)
-    return [base + (1 if index < extra else 0) for index in range(num_chunks)]
 
 
 def _tensor_field_names() -> list[str]:

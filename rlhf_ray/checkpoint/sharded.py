@@ -49,18 +49,50 @@ def _writer(path: Path) -> HuggingFaceStorageWriter:
     return HuggingFaceStorageWriter(str(path), save_distributed=dist.is_initialized())
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias: first name} for parameters registered under several names (tied input/output embeddings:
+    `lm_head.weight` -> `model.embed_tokens.weight`). One tensor is one entry on disk: safetensors refuses two
+    names for the same memory, and a second copy would untie the weights on load."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        key = id(param)
+        if key in first:
+            aliases[_state_name(name)] = _state_name(first[key])
+        else:
+            first[key] = name
+    return aliases
+
+
+def _state_name(name: str) -> str:
+    # named_parameters and get_model_state_dict agree except for wrappers' prefixes, which the state dict drops.
+    for prefix in ("_orig_mod.", "module."):
+        name = name.replace(prefix, "")
+    return name
+
+
 def save_model_state(directory: Path, model: nn.Module) -> None:
-    """Collective: every rank writes its shards of the model's state dict under directory."""
+    """Collective: every rank writes its shards of the model's state dict under directory (a tied parameter once,
+    under its first name)."""
     state = get_model_state_dict(model)
+    for alias in tied_aliases(model):
+        state.pop(alias, None)
     with _quiet_single_process():
         dcp.save(state, storage_writer=_writer(directory))
 
 
 def load_model_state(directory: Path, model: nn.Module) -> None:
-    """Collective: fill the (possibly sharded) model in place from a checkpoint written by save_model_state."""
+    """Collective: fill the (possibly sharded) model in place from a checkpoint written by save_model_state. A tied
+    parameter is read once and stays one parameter."""
     state = get_model_state_dict(model)
+    aliases = tied_aliases(model)
+    for alias in aliases:
+        state.pop(alias, None)
     with _quiet_single_process():
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(directory)))
+    for alias, name in aliases.items():
+        if name in state:
+            state[alias] = state[name]
     set_model_state_dict(model, state)
 
 

@@ -1,29 +1,32 @@
 """Typed run configuration: sections, YAML files, CLI overrides, and the seed's flat flag names.
 
-A job's config is a pydantic model whose fields are *sections* (data, model, train, ...). Every section field
-is reachable on the command line two ways:
+A job's config is a pydantic model whose fields are *sections* (data, model, train, ...). Each section field is a
+flag `--section.field`, and a bare `--field` under its own name or an entry of the job's `aliases` (bare name ->
+dotted path): the seed's ColossalChat flags (--pretrain, --train_batch_size, --ref_num_workers, ...). A field name
+that several sections share is refused when the job class is defined unless `aliases` names its owner, so that no
+flag vanishes silently. Values merge as: the job's section defaults < YAML (--config FILE; nested sections or bare
+names) < flags. Unknown flags and keys and bad values are refused naming the flag (or file and key), the value and
+what is allowed, with close names.
 
-    --train.lr 1e-5        the dotted path, always
-    --lr 1e-5              the bare field name, when it is unique within the job (this is how the seed's
-                           ColossalChat flags such as --pretrain, --batch_size, --max_len keep working)
-
-Values are merged in this order: section defaults < YAML file (--config FILE) < command-line flags.
-Unknown keys and bad values are refused with the dotted field name, the value received and what is allowed.
+argparse, not pydantic-settings' CLI source or jsonargparse: both were tried, and neither takes several values after
+one flag (`--dataset a b`), a bare `--grad_checkpoint` beside `--grad_checkpoint false`, or suggests close names.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 
 class ConfigError(ValueError):
@@ -36,8 +39,68 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+def _changed(section: Section) -> dict[str, Any]:
+    fresh = type(section)().model_dump()
+    return {name: value for name, value in section.model_dump().items() if value != fresh[name]}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
 class JobConfig(Section):
-    """Base for a whole job's config: its fields are Sections."""
+    """Base for a whole job's config: its fields are Sections.
+
+    A section's default may change a few fields (`train: TrainSection = TrainSection(lr=9e-6)`): those stay the
+    job's defaults when a YAML file or a flag sets other fields of that section (section_defaults).
+    """
+
+    #: bare flag name -> dotted path, besides each field's own unique name: the seed's other names for a field,
+    #: and the owner of a name that several sections share.
+    aliases: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls.flag_names()            # a shared field name without an owner fails here, when the job is defined
+
+    @classmethod
+    def field_paths(cls) -> dict[str, FieldInfo]:
+        """Every 'section.field' of the job, with its pydantic field."""
+        return {f"{section}.{name}": field for section, info in cls.model_fields.items()
+                for name, field in info.annotation.model_fields.items()}
+
+    @classmethod
+    def flag_names(cls) -> dict[str, str]:
+        """Bare flag name -> dotted path: every field under its own name where that is unique, then `aliases`."""
+        owners: dict[str, list[str]] = {}
+        for dotted in cls.field_paths():
+            owners.setdefault(dotted.split(".", 1)[1], []).append(dotted)
+        shared = {name: found for name, found in owners.items() if len(found) > 1 and name not in cls.aliases}
+        if shared:
+            raise TypeError(f"{cls.__name__}: field names in several sections need their owner in `aliases`, or "
+                            f"their bare flag would vanish: {shared}")
+        dangling = {name: dotted for name, dotted in cls.aliases.items() if dotted not in cls.field_paths()}
+        if dangling:
+            raise TypeError(f"{cls.__name__}.aliases point at no field: {dangling}")
+        return {name: found[0] for name, found in owners.items() if len(found) == 1} | cls.aliases
+
+    @classmethod
+    def section_defaults(cls) -> dict[str, dict[str, Any]]:
+        """Per section, the fields where the job's default instance differs from a fresh section (e.g. {'train':
+        {'lr': 9e-6}}); compared rather than read from the fields set, so that values a section's validator fills
+        in (DPOSection's beta) stay derived."""
+        return {name: _changed(field.default) for name, field in cls.model_fields.items()
+                if isinstance(field.default, Section)}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _job_defaults_under(cls, data: Any) -> Any:
+        return _merge(cls.section_defaults(), data) if isinstance(data, dict) else data
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -51,108 +114,80 @@ class JobConfig(Section):
         path.write_text(text)
         return path
 
-    def section_for(self, name: str) -> Section:
-        return getattr(self, name)
 
-
-# ---------------------------------------------------------------- field introspection
-
-
-def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
-    origin = get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return annotation, False
-
-
-def _is_list(annotation: Any) -> bool:
-    return get_origin(annotation) in (list, tuple)
-
-
-def _is_bool(annotation: Any) -> bool:
-    return annotation is bool
-
-
-def _field_paths(config_cls: type[JobConfig]) -> dict[str, tuple[str, str, Any]]:
-    """Map every dotted path 'section.field' to (section, field, annotation)."""
-    paths = {}
-    for section_name, section_field in config_cls.model_fields.items():
-        section_cls = section_field.annotation
-        if not (isinstance(section_cls, type) and issubclass(section_cls, Section)):
-            raise TypeError(f"{config_cls.__name__}.{section_name} must be a Section")
-        for field_name, field in section_cls.model_fields.items():
-            paths[f"{section_name}.{field_name}"] = (section_name, field_name, field.annotation)
-    return paths
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = str(text).strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+def settings_from(settings_cls: type, section: Section, **derived: Any) -> Any:
+    """A settings dataclass for the math, filled from the section's fields of the same names; `derived` gives the
+    fields the section does not hold as they are (resolved values, another section's). A dataclass field found in
+    neither is an AttributeError naming it; a `derived` name that is no dataclass field is a TypeError."""
+    names = [f.name for f in dataclasses.fields(settings_cls) if f.name not in derived]
+    return settings_cls(**{name: getattr(section, name) for name in names}, **derived)
 
 
 # ---------------------------------------------------------------- CLI
 
 
-def build_parser(config_cls: type[JobConfig], prog: str, description: str = "") -> argparse.ArgumentParser:
-    """An argparse parser with --section.field and unique bare --field flags for every config field."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
-    )
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with section: {field: value} entries")
-    paths = _field_paths(config_cls)
-    bare_counts: dict[str, int] = {}
-    for _, field_name, _ in paths.values():
-        bare_counts[field_name] = bare_counts.get(field_name, 0) + 1
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
-    for section_name in config_cls.model_fields:
-        section_cls = config_cls.model_fields[section_name].annotation
-        group = parser.add_argument_group(section_name, (section_cls.__doc__ or "").strip().splitlines()[0] if section_cls.__doc__ else None)
+
+def _parse_bool(text: str) -> bool:
+    if str(text).strip().lower() not in _BOOLS:
+        raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+    return _BOOLS[str(text).strip().lower()]
+
+
+def _argparse_kwargs(field: FieldInfo) -> dict[str, Any]:
+    annotation = field.annotation
+    if get_origin(annotation) in (typing.Union, types.UnionType):      # X | None: parse as X
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else annotation
+    if annotation is bool:
+        # `--grad_checkpoint` alone means true (the seed's store_true style); `--grad_checkpoint false` works too.
+        return {"nargs": "?", "const": True, "type": _parse_bool, "metavar": "BOOL"}
+    if get_origin(annotation) in (list, tuple):
+        return {"nargs": "+", "metavar": "VALUE"}
+    if get_origin(annotation) is Literal:
+        return {"metavar": "{" + ",".join(str(a) for a in get_args(annotation)) + "}"}
+    return {}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:      # one message and exit status 2 through run_cli
+        raise ConfigError(message)
+
+
+def build_parser(config_cls: type[JobConfig], prog: str, description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser with --section.field and the bare names of every config field."""
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False)
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file: section: {field: value} entries, or "
+                                                              "the flags' bare names as keys")
+    bare_names: dict[str, list[str]] = {}
+    for name, dotted in config_cls.flag_names().items():
+        bare_names.setdefault(dotted, []).append(f"--{name}")
+    job_defaults = config_cls.section_defaults()
+    for section_name, section_field in config_cls.model_fields.items():
+        section_cls = section_field.annotation
+        summary = " ".join((section_cls.__doc__ or "").strip().split("\n\n")[0].split())   # the first paragraph
+        group = parser.add_argument_group(section_name, summary or None)
         for field_name, field in section_cls.model_fields.items():
             dotted = f"{section_name}.{field_name}"
-            flags = [f"--{dotted}"]
-            if bare_counts[field_name] == 1:
-                flags.insert(0, f"--{field_name}")
-            annotation, _ = _unwrap_optional(field.annotation)
-            kwargs: dict[str, Any] = {"dest": dotted, "default": argparse.SUPPRESS, "help": field.description or ""}
-            if _is_bool(annotation):
-                # `--grad_checkpoint` alone means true (the seed's store_true style); `--grad_checkpoint false` works too.
-                kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
-            elif _is_list(annotation):
-                kwargs.update(nargs="+", metavar="VALUE")
-            elif get_origin(annotation) is Literal:
-                kwargs.update(metavar="{" + ",".join(str(a) for a in get_args(annotation)) + "}")
-            if not field.is_required() and field.default is not None and field.default_factory is None:
-                kwargs["help"] = f"{kwargs['help']} (default: {field.default})"
-            group.add_argument(*flags, **kwargs)
+            default = job_defaults.get(section_name, {}).get(field_name, field.default)
+            shown = "" if field.is_required() or field.default_factory or default is None else f" (default: {default})"
+            group.add_argument(*bare_names.get(dotted, []), f"--{dotted}", dest=dotted,
+                               default=argparse.SUPPRESS, help=(field.description or "") + shown,
+                               **_argparse_kwargs(field))
     return parser
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    section, field = dotted.split(".", 1)
-    tree.setdefault(section, {})[field] = value
+def _unknown(what: str, name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3)
+    return f"unknown {what} '{name}'." + (f" Did you mean: {', '.join(close)}?" if close else "")
 
 
-def _merge(base: dict, override: dict) -> dict:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+def load_yaml(path: str | Path, config_cls: type[JobConfig]) -> tuple[dict, dict[str, str]]:
+    """Read a YAML config: nested sections, or the flags' bare names as keys (also inside their section).
 
-
-def load_yaml(path: str | Path, config_cls: type[JobConfig]) -> dict:
-    """Read a YAML config; accept both nested sections and flat seed-style keys."""
+    Returns the section tree and, per dotted path, "FILE: key" to name in errors.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: file not found")
@@ -162,60 +197,61 @@ def load_yaml(path: str | Path, config_cls: type[JobConfig]) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    paths = _field_paths(config_cls)
-    by_bare: dict[str, list[str]] = {}
-    for dotted in paths:
-        by_bare.setdefault(dotted.split(".", 1)[1], []).append(dotted)
+    paths, bare = config_cls.field_paths(), config_cls.flag_names()
     tree: dict = {}
+    origins: dict[str, str] = {}
     for key, value in raw.items():
-        if key in config_cls.model_fields:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path}: section '{key}' must be a mapping, got {value!r}")
-            tree = _merge(tree, {key: value})
-        elif len(by_bare.get(key, [])) == 1:
-            _set_dotted(tree, by_bare[key][0], value)
-        else:
-            raise ConfigError(_unknown_key_message(str(path), key, list(config_cls.model_fields) + list(by_bare)))
-    return tree
+        if key in config_cls.model_fields and not isinstance(value, dict):
+            raise ConfigError(f"{path}: section '{key}' must be a mapping, got {value!r}")
+        entries = [(f"{key}.{name}", item) for name, item in value.items()] if key in config_cls.model_fields \
+            else [(str(key), value)]
+        for written, item in entries:
+            section, _, name = written.rpartition(".")
+            dotted = written if written in paths else bare.get(name)
+            if dotted is None or (section and not dotted.startswith(section + ".")):
+                known = [p for p in paths if p.startswith(section + ".")] if section \
+                    else list(config_cls.model_fields) + list(bare)
+                raise ConfigError(f"{path}: {_unknown('key', written, known)}")
+            section, field = dotted.split(".", 1)
+            tree.setdefault(section, {})[field] = item
+            origins[dotted] = f"{path}: {written}"
+    return tree, origins
 
 
-def _unknown_key_message(where: str, key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=3)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return f"{where}: unknown key '{key}'.{hint}"
-
-
-def format_validation_error(exc: ValidationError, flag_style: bool = True) -> str:
+def format_validation_error(exc: ValidationError, origins: dict[str, str] | None = None, prefix: str = "--") -> str:
+    """One line per error: where the value came from (the flag, or the YAML file and key), the rule, the value."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         received = err.get("input")
         shown = "" if isinstance(received, dict) else f" (got {received!r})"
-        lines.append(f"  {'--' if flag_style else ''}{loc}: {err['msg']}{shown}")
+        lines.append(f"  {(origins or {}).get(loc, prefix + loc)}: {err['msg']}{shown}")
     return "invalid configuration:\n" + "\n".join(lines)
-
-
-def build_config(config_cls: type[JobConfig], tree: dict) -> JobConfig:
-    try:
-        return config_cls.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
 
 
 def parse_config(config_cls: type[JobConfig], argv: list[str] | None, prog: str, description: str = "") -> JobConfig:
     """YAML (--config) then CLI flags on top; returns a validated config or raises ConfigError."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(config_cls, prog, description)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         known_flags = [opt for action in parser._actions for opt in action.option_strings]
-        flag = unknown[0].split("=", 1)[0]
-        raise ConfigError(_unknown_key_message(prog, flag, known_flags).replace("key", "flag", 1))
-    tree = load_yaml(args.config, config_cls) if args.config else {}
-    for dotted, value in vars(args).items():
-        if dotted == "config":
-            continue
-        _set_dotted(tree, dotted, value)
-    return build_config(config_cls, tree)
+        raise ConfigError(_unknown("flag", unknown[0].split("=", 1)[0], known_flags))
+    flags = vars(args)
+    config_file = flags.pop("config", None)
+    tree, origins = load_yaml(config_file, config_cls) if config_file else ({}, {})
+    bare = config_cls.flag_names()
+    typed = {bare[name]: name for name in (arg.split("=", 1)[0][2:] for arg in argv if arg[:2] == "--")
+             if name in bare}
+    for dotted, value in flags.items():
+        section, field = dotted.split(".", 1)
+        tree.setdefault(section, {})[field] = value
+        # errors name the flag as typed, and the field it sets
+        origins[dotted] = f"--{typed[dotted]} ({dotted})" if dotted in typed else f"--{dotted}"
+    try:
+        return config_cls.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, origins)) from None
 
 
 def run_cli(config_cls: type[JobConfig], run: typing.Callable[[JobConfig], Any], argv: list[str] | None, prog: str,

@@ -36,10 +36,11 @@ class ModelSection(Section):
 
 
 class TrainSection(Section):
-    """Optimizer, schedule and batch settings of a training job."""
+    """Optimizer and batch settings of a trainer group.
 
-    batch_size: int = Field(4, ge=1, description="micro-batch size per data-parallel rank")
-    max_epochs: int = Field(1, ge=1, description="passes over the training data")
+    The same section in every training job (sft, rm, dpo, ppo, grpo); the RL jobs only change its defaults."""
+
+    batch_size: int = Field(4, ge=1, description="samples per micro-batch on each data-parallel rank")
     accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(5e-6, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -47,20 +48,32 @@ class TrainSection(Section):
                                                              "default 2.5%% of the optimizer steps")
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 disables")
     mixed_precision: MixedPrecision = Field("fp32", description="compute dtype: fp32, bf16, or fp16 with loss scaling")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (default: all epochs)")
     seed: int = Field(42, description="random seed for data order, init and sampling")
 
 
-class ParallelSection(Section):
-    """How a trainer group is laid out over ranks."""
+class WorkerResources(Section):
+    """What each worker of a role reserves, and the node pool it runs on."""
+
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker reserves")
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs each worker reserves (0 on CPU clusters)")
+    pool: str | None = Field(None, description="node pool label the workers must run on (heterogeneous clusters)")
+
+
+class ResourcesSection(WorkerResources):
+    """A role's group of workers: how many, what each reserves, and on which node pool.
+
+    Every role's resources section; ParallelSection adds a trainer's layout; the critic (the policy's ranks) has
+    only WorkerResources."""
+
+    num_workers: int = Field(1, ge=1, description="workers (Ray actors, one rank each) in the group")
+
+
+class ParallelSection(ResourcesSection):
+    """How a trainer group is laid out over ranks, and what each rank reserves."""
 
     plugin: str = Field("ddp", description="training backend: ddp, fsdp, fsdp_cpu, tp, colossal_ddp, zero2, "
                                            "zero2_cpu, gemini, gemini_auto, 3d")
-    num_workers: int = Field(1, ge=1, description="ranks (Ray actors) in the trainer group")
     tp: int = Field(1, ge=1, description="tensor-parallel size; num_workers must be a multiple of it")
-    gpus_per_worker: float = Field(0, ge=0, description="GPUs each rank reserves (0 on CPU clusters)")
-    cpus_per_worker: float = Field(1, gt=0, description="CPUs each rank reserves")
-    pool: str | None = Field(None, description="node pool label the ranks must run on (heterogeneous clusters)")
 
     @model_validator(mode="after")
     def _tp_divides(self):

@@ -22,11 +22,22 @@ Implementations: engines/torch_native.py (ddp, fsdp, fsdp_cpu, tp, 3d), engines/
 
 from __future__ import annotations
 
+import json
+import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
+
+from rlhf_ray.checkpoint.atomic import atomic_directory, require_complete
+from rlhf_ray.checkpoint.rng import load_rng, save_rng
+
+log = logging.getLogger(__name__)
+
+ENGINE_STATE_FILE = "engine_state.json"
+CLIENT_STATE_FILE = "client_state.json"
 
 LossFn = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
 
@@ -41,8 +52,16 @@ class TrainEngine(ABC):
     #: this rank and the number of ranks training the model (1 in a single process)
     rank: int
     world_size: int
-    #: optimizer steps taken (restored by load_checkpoint)
+    #: the registered name (--plugin), micro-batches and optimizer steps run (restored by load_checkpoint)
+    name: str
+    micro_step: int
     global_step: int
+    accumulation_steps: int
+    #: tensor-parallel size (1 unless the backend shards layers)
+    tp: int = 1
+    #: LR schedule and fp16 loss scaler (None unless this engine scales the loss itself)
+    scheduler: Any
+    scaler: Any = None
 
     @abstractmethod
     def forward_backward(self, batch: dict[str, Any], loss_fn: LossFn) -> dict[str, float]:
@@ -54,9 +73,15 @@ class TrainEngine(ABC):
         """Unscale (fp16), clip to grad_clip, step optimizer and scheduler, zero grads.
         Returns {'grad_norm': ..., 'lr': ...}; a non-finite grad norm skips the step and says so."""
 
-    @abstractmethod
     def is_accumulation_boundary(self) -> bool:
         """True when the micro-batch just run completes an optimizer step's accumulation."""
+        return self.micro_step % self.accumulation_steps == 0
+
+    def _require_accumulation_boundary(self) -> None:
+        if not self.is_accumulation_boundary():
+            raise RuntimeError(f"optimizer_step after {self.micro_step % self.accumulation_steps} of "
+                               f"{self.accumulation_steps} micro-batches: gradients are not synchronised yet; "
+                               f"call it when is_accumulation_boundary() is True")
 
     @torch.no_grad()
     @abstractmethod
@@ -74,13 +99,47 @@ class TrainEngine(ABC):
         """Yield (hf_parameter_name, full_tensor) one at a time (gathered from shards, LoRA merged), on every rank;
         tensors are CPU or device tensors the caller must not keep beyond its own use."""
 
-    @abstractmethod
+    # ------------------------------------------------------------ checkpoints: the envelope, once
     def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any] | None = None) -> None:
-        """Resumable state: model, optimizer, scheduler, grad scaler, RNG, client_state (step, data position)."""
+        """Resumable state, written atomically: model/ and optimizer/ (the backend's sharded format), rng/ (per
+        rank), engine_state.json (scheduler, loss scaler, steps, layout) and client_state.json (step, data
+        position). Collective: every rank calls it."""
+        client_json = json.dumps(client_state or {})      # fail before writing anything if it is not JSON-able
+        with atomic_directory(directory, is_writer=self.rank == 0, barrier=self.barrier) as tmp:
+            self._save_model_and_optimizer(tmp)
+            save_rng(tmp / "rng", self.rank)
+            if self.rank == 0:
+                (tmp / CLIENT_STATE_FILE).write_text(client_json)
+                (tmp / ENGINE_STATE_FILE).write_text(json.dumps(self._engine_state(), indent=1))
+
+    def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
+        """Restore what save_checkpoint wrote (re-sharding to this layout where the backend can); returns
+        client_state."""
+        directory = require_complete(directory)
+        state = json.loads((directory / ENGINE_STATE_FILE).read_text())
+        self._load_model_and_optimizer(directory)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.global_step, self.micro_step = int(state["global_step"]), int(state["micro_step"])
+        load_rng(directory / "rng", self.rank)
+        if state["world_size"] != self.world_size or state.get("tp", 1) != self.tp:
+            log.info("resumed a checkpoint of world %d (tp %d) on world %d (tp %d): weights and optimizer state "
+                     "were re-sharded", state["world_size"], state.get("tp", 1), self.world_size, self.tp)
+        return json.loads((directory / CLIENT_STATE_FILE).read_text())
+
+    def _engine_state(self) -> dict[str, Any]:
+        return {"plugin": self.name, "world_size": self.world_size, "tp": self.tp, "global_step": self.global_step,
+                "micro_step": self.micro_step, "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     @abstractmethod
-    def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
-        """Restore what save_checkpoint wrote; return client_state."""
+    def _save_model_and_optimizer(self, directory: Path) -> None:
+        """Write directory/model and directory/optimizer in the backend's format (collective)."""
+
+    @abstractmethod
+    def _load_model_and_optimizer(self, directory: Path) -> None:
+        """Read what _save_model_and_optimizer wrote into this engine's model and optimizer (collective)."""
 
     @abstractmethod
     def save_hf(self, directory: str | Path, tokenizer: Any = None, dtype: torch.dtype | None = None) -> None:
@@ -88,13 +147,19 @@ class TrainEngine(ABC):
         configured (merge_lora_weights), else the adapter in peft's layout. dtype casts floating weights on export
         (default: as trained, fp32 master weights)."""
 
-    @abstractmethod
     def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Mean of each metric over all ranks (every rank passes the same keys); identity in a single process."""
+        if not (dist.is_available() and dist.is_initialized()) or not metrics:
+            return dict(metrics)
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(values)
+        return {k: float(v) / self.world_size for k, v in zip(keys, values)}
 
-    @abstractmethod
     def barrier(self) -> None:
         """Wait for every rank (no-op in a single process)."""
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
 
     def unwrap(self) -> torch.nn.Module:
         """The underlying module (no parallel wrapper): backends keep it in `_hf_module` before wrapping."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import math
 from pathlib import Path
@@ -34,16 +33,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rlhf_ray.checkpoint.atomic import atomic_directory, require_complete
 from rlhf_ray.checkpoint.hf_export import write_hf_directory
-from rlhf_ray.checkpoint.rng import load_rng, save_rng
 from rlhf_ray.checkpoint.sharded import (load_model_state, load_optimizer_state, save_model_state,
                                          save_optimizer_state)
 from rlhf_ray.engines.base import LossFn, TrainEngine
 from rlhf_ray.engines.optim import WarmupCosineSchedule, build_optimizer, parameter_groups
 from rlhf_ray.engines.precision import DynamicLossScaler, autocast_context
 from rlhf_ray.engines.registry import register_engine
-from rlhf_ray.engines.weights import iter_full_weights
+from rlhf_ray.engines.weights import iter_full_weights, scale_grads_
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +62,7 @@ def colossalai_installed() -> bool:
 
 
 def check_plugin_config(name: str, parallel, train) -> None:
-    """Settings this ColossalAI plugin cannot take (checked on the driver before any actor starts)."""
+    """Settings this ColossalAI plugin cannot take, whatever the devices."""
     if name.startswith("gemini") and train.accumulation_steps > 1:
         raise ValueError(f"--plugin {name} does not support gradient accumulation (got --accumulation_steps "
                          f"{train.accumulation_steps}); set --accumulation_steps 1, or use --plugin zero2 or fsdp")
@@ -74,15 +71,20 @@ def check_plugin_config(name: str, parallel, train) -> None:
                          f"torch-native backends; use --plugin 3d or --plugin fsdp --tp {parallel.tp}")
 
 
-def check_plugin_usable(name: str, parallel, train) -> None:
-    """One ValueError naming every reason this ColossalAI plugin cannot run on this rank, and the torch-native fix;
-    then the settings check."""
+def check_plugin_usable(name: str, parallel, train, cuda_visible: bool | None = None) -> None:
+    """One ValueError naming every reason this ColossalAI plugin cannot run, and the torch-native fix; then the
+    settings check.
+
+    cuda_visible: whether this process sees a CUDA device; a rank passes torch.cuda.is_available(). The driver
+    passes None: it may run on a node without GPUs while the ranks have them, so it checks only what the flags
+    say (--gpus_per_worker), and does so before Ray starts (registry.validate_engine_config).
+    """
     cls, shards, alternative, needs_cuda = PLUGINS[name]
     reasons = []
     if not colossalai_installed():
         reasons.append(f"colossalai is not installed ({INSTALL_HINT})")
-    if needs_cuda and not (torch.cuda.is_available() and parallel.gpus_per_worker > 0):
-        why = "no CUDA device is visible" if not torch.cuda.is_available() else "--gpus_per_worker is 0"
+    if needs_cuda and (parallel.gpus_per_worker == 0 or cuda_visible is False):
+        why = "--gpus_per_worker is 0" if parallel.gpus_per_worker == 0 else "no CUDA device is visible"
         reasons.append(f"it needs CUDA GPUs (ColossalAI refuses a CPU accelerator for it) and {why}")
     if reasons:
         raise ValueError(f"--plugin {name} is ColossalAI's {cls}, sharding {shards}; it cannot run here: "
@@ -107,7 +109,7 @@ class ColossalEngine(TrainEngine):
 
     def __init__(self, name: str, parallel, train, model_factory: Callable[[], nn.Module], num_training_steps: int,
                  model_cfg=None) -> None:
-        check_plugin_usable(name, parallel, train)
+        check_plugin_usable(name, parallel, train, cuda_visible=torch.cuda.is_available())
         from colossalai.booster import Booster
 
         self.name = name
@@ -151,9 +153,6 @@ class ColossalEngine(TrainEngine):
         return plugin, optimizer
 
     # ------------------------------------------------------------ training
-    def is_accumulation_boundary(self) -> bool:
-        return self.micro_step % self.accumulation_steps == 0
-
     def forward_backward(self, batch: dict[str, Any], loss_fn: LossFn) -> dict[str, float]:
         boundary = (self.micro_step + 1) % self.accumulation_steps == 0
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -169,16 +168,12 @@ class ColossalEngine(TrainEngine):
         return {**{k: float(v) for k, v in metrics.items()}, "loss": float(loss.detach())}
 
     def optimizer_step(self) -> dict[str, float]:
-        if not self.is_accumulation_boundary():
-            raise RuntimeError(f"optimizer_step after {self.micro_step % self.accumulation_steps} of "
-                               f"{self.accumulation_steps} micro-batches; call it at an accumulation boundary")
+        self._require_accumulation_boundary()
         step_ok = True
         if self.torch_ddp:
             params = [p for p in self.model.parameters() if p.requires_grad]
             if self.scaler is not None:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(1.0 / self.scaler.scale)
+                scale_grads_(params, 1.0 / self.scaler.scale)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.train_cfg.grad_clip or float("inf")))
             step_ok = self.scaler.update(grad_norm) if self.scaler is not None else math.isfinite(grad_norm)
             if step_ok:
@@ -199,15 +194,6 @@ class ColossalEngine(TrainEngine):
         with autocast_context(self.mixed_precision if self.torch_ddp else "fp32", self.device):
             return fn(self.model, batch)
 
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        keys = sorted(metrics)
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-        dist.all_reduce(values)
-        return {k: float(v) / self.world_size for k, v in zip(keys, values)}
-
     # ------------------------------------------------------------ weights and checkpoints
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         if self.name.startswith("gemini"):
@@ -223,38 +209,21 @@ class ColossalEngine(TrainEngine):
                            generation_config=getattr(module, "generation_config", None), tokenizer=tokenizer,
                            dtype=dtype, is_writer=self.rank == 0, barrier=self.barrier)
 
-    def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any] | None = None) -> None:
-        client_json = json.dumps(client_state or {})
-        with atomic_directory(directory, is_writer=self.rank == 0, barrier=self.barrier) as tmp:
-            if self.torch_ddp:
-                save_model_state(tmp / "model", self._hf_module)
-                save_optimizer_state(tmp / "optimizer", self._hf_module, self.optimizer.optim, self.rank == 0)
-            else:
-                self.booster.save_model(self.model, str(tmp / "model"), shard=True, use_safetensors=True)
-                self.booster.save_optimizer(self.optimizer, str(tmp / "optimizer"), shard=True)
-            save_rng(tmp / "rng", self.rank)
-            if self.rank == 0:
-                (tmp / "client_state.json").write_text(client_json)
-                (tmp / "engine_state.json").write_text(json.dumps({
-                    "plugin": self.name, "world_size": self.world_size, "tp": 1, "global_step": self.global_step,
-                    "micro_step": self.micro_step, "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict() if self.scaler is not None else None}))
+    def _save_model_and_optimizer(self, directory: Path) -> None:
+        if self.torch_ddp:
+            save_model_state(directory / "model", self._hf_module)
+            save_optimizer_state(directory / "optimizer", self._hf_module, self.optimizer.optim, self.rank == 0)
+        else:
+            self.booster.save_model(self.model, str(directory / "model"), shard=True, use_safetensors=True)
+            self.booster.save_optimizer(self.optimizer, str(directory / "optimizer"), shard=True)
 
-    def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
-        directory = require_complete(directory)
-        state = json.loads((directory / "engine_state.json").read_text())
+    def _load_model_and_optimizer(self, directory: Path) -> None:
         if self.torch_ddp:
             load_model_state(directory / "model", self._hf_module)
             load_optimizer_state(directory / "optimizer", self._hf_module, self.optimizer.optim)
         else:
             self.booster.load_model(self.model, str(directory / "model"))
             self.booster.load_optimizer(self.optimizer, str(directory / "optimizer"))
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.global_step, self.micro_step = int(state["global_step"]), int(state["micro_step"])
-        load_rng(directory / "rng", self.rank)
-        return json.loads((directory / "client_state.json").read_text())
 
 
 def _build(name, parallel, train, model_factory, num_training_steps, model_cfg=None) -> ColossalEngine:
@@ -263,4 +232,4 @@ def _build(name, parallel, train, model_factory, num_training_steps, model_cfg=N
 
 for _name, (_cls, _shards, _alt, _cuda) in PLUGINS.items():
     register_engine(_name, doc=f"ColossalAI {_cls}{' (CUDA only)' if _cuda else ''}; CPU alternative: {_alt}",
-                    validate=check_plugin_config)(_build)
+                    validate=check_plugin_usable)(_build)

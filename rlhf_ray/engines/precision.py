@@ -46,11 +46,6 @@ class DynamicLossScaler:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale
 
-    def unscale_(self, grads: list[torch.Tensor]) -> None:
-        inv = 1.0 / self.scale
-        for grad in grads:
-            grad.mul_(inv)
-
     def update(self, grad_norm: float) -> bool:
         """Record one step's (already unscaled, global) grad norm; True when the optimizer should step."""
         if not math.isfinite(grad_norm):

@@ -16,6 +16,7 @@ from typing import Callable
 
 from torch import nn
 
+from rlhf_ray.config.base import ConfigError
 from rlhf_ray.engines.base import TrainEngine
 
 EngineFactory = Callable[..., TrainEngine]
@@ -31,8 +32,8 @@ def register_engine(name: str, doc: str = "", validate: Callable | None = None
     """Decorator: register `factory` under `name`; a second registration of a name is refused.
 
     validate(name, parallel, train), when given, checks the settings without building anything (no model, no
-    devices) and raises ValueError naming the flag; `validate_engine_config` runs it on the driver before any
-    actor starts, and the factory runs it again on each rank.
+    devices) and raises ValueError naming the flag; `validate_engine_config` runs it on the driver before Ray
+    starts, and the factory runs it again on each rank.
     """
 
     def decorate(factory: EngineFactory) -> EngineFactory:
@@ -67,12 +68,16 @@ def get_engine_factory(name: str) -> EngineFactory:
 
 
 def validate_engine_config(parallel, train) -> None:
-    """Refuse an unknown --plugin or settings its backend cannot take, before any actor or model exists.
-    Device checks (a GPU-only plugin on a CPU rank) happen on the ranks, which may differ from the driver."""
-    get_engine_factory(parallel.plugin)
-    validate = _VALIDATORS.get(parallel.plugin)
-    if validate is not None:
-        validate(parallel.plugin, parallel, train)
+    """Refuse an unknown --plugin, or settings its backend cannot take (a GPU-only plugin with --gpus_per_worker 0
+    included), with a ConfigError: the jobs call it on the driver before Ray starts. Whether CUDA is visible is
+    checked again on the ranks, which may run on other nodes than the driver."""
+    try:
+        get_engine_factory(parallel.plugin)
+        validate = _VALIDATORS.get(parallel.plugin)
+        if validate is not None:
+            validate(parallel.plugin, parallel, train)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def build_engine(parallel, train, model_factory: Callable[[], nn.Module], num_training_steps: int, *,

@@ -17,7 +17,6 @@ device mesh on top of it.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -28,9 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rlhf_ray.checkpoint.atomic import atomic_directory, require_complete
 from rlhf_ray.checkpoint.hf_export import write_hf_directory, write_peft_adapter
-from rlhf_ray.checkpoint.rng import load_rng, save_rng
 from rlhf_ray.checkpoint.sharded import (load_model_state, load_optimizer_state, save_model_state,
                                          save_optimizer_state)
 from rlhf_ray.engines.base import LossFn, TrainEngine
@@ -42,9 +39,6 @@ from rlhf_ray.engines.weights import global_grad_norm, iter_full_weights, iter_l
 from rlhf_ray.models.lora import build_lora_config, has_lora
 
 log = logging.getLogger(__name__)
-
-ENGINE_STATE_FILE = "engine_state.json"
-CLIENT_STATE_FILE = "client_state.json"
 
 
 @dataclass(frozen=True)
@@ -84,9 +78,9 @@ class TorchNativeEngine(TrainEngine):
         self.model_cfg = model_cfg
         self.accumulation_steps = train.accumulation_steps
         self.mixed_precision = train.mixed_precision
-        self.distributed = dist.is_available() and dist.is_initialized()
-        self.world_size = dist.get_world_size() if self.distributed else 1
-        self.rank = dist.get_rank() if self.distributed else 0
+        distributed = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size() if distributed else 1
+        self.rank = dist.get_rank() if distributed else 0
         if self.world_size != parallel.num_workers:
             raise ValueError(f"--plugin {name}: --num_workers {parallel.num_workers} but the process group has "
                              f"{self.world_size} rank(s); start the engine inside a WorkerGroup of "
@@ -148,9 +142,6 @@ class TorchNativeEngine(TrainEngine):
             return _fsdp_no_sync(self.model)
         return contextlib.nullcontext()
 
-    def is_accumulation_boundary(self) -> bool:
-        return self.micro_step % self.accumulation_steps == 0
-
     def forward_backward(self, batch: dict[str, Any], loss_fn: LossFn) -> dict[str, float]:
         boundary = (self.micro_step + 1) % self.accumulation_steps == 0
         batch = _to_device(batch, self.device)
@@ -165,10 +156,7 @@ class TorchNativeEngine(TrainEngine):
         return {**{k: float(v) for k, v in metrics.items()}, "loss": float(loss.detach())}
 
     def optimizer_step(self) -> dict[str, float]:
-        if not self.is_accumulation_boundary():
-            raise RuntimeError(f"optimizer_step after {self.micro_step % self.accumulation_steps} of "
-                               f"{self.accumulation_steps} micro-batches: gradients are not synchronised yet; "
-                               f"call it when is_accumulation_boundary() is True")
+        self._require_accumulation_boundary()
         params = self.trainable_parameters
         if self._dp_group is not None:
             all_reduce_mean_grads(params, self._dp_group)
@@ -198,19 +186,6 @@ class TorchNativeEngine(TrainEngine):
         with autocast_context(self.mixed_precision, self.device):
             return fn(self.model, batch)
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Mean of each metric over all ranks (same keys on every rank); identity in a single process."""
-        if not self.distributed or not metrics:
-            return dict(metrics)
-        keys = sorted(metrics)
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return {k: float(v) / self.world_size for k, v in zip(keys, values)}
-
     # ------------------------------------------------------------ weights
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full HF-named tensors, LoRA merged; collective under FSDP/TP (every rank must iterate)."""
@@ -230,36 +205,13 @@ class TorchNativeEngine(TrainEngine):
                            dtype=dtype, is_writer=is_writer, barrier=self.barrier)
 
     # ------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, directory: str | Path, client_state: dict[str, Any] | None = None) -> None:
-        client_json = json.dumps(client_state or {})      # fail before writing anything if it is not JSON-able
-        with atomic_directory(directory, is_writer=self.rank == 0, barrier=self.barrier) as tmp:
-            save_model_state(tmp / "model", self.model)
-            save_optimizer_state(tmp / "optimizer", self.model, self.optimizer, is_writer=self.rank == 0)
-            save_rng(tmp / "rng", self.rank)
-            if self.rank == 0:
-                (tmp / CLIENT_STATE_FILE).write_text(client_json)
-                (tmp / ENGINE_STATE_FILE).write_text(json.dumps(self._engine_state(), indent=1))
+    def _save_model_and_optimizer(self, directory: Path) -> None:
+        save_model_state(directory / "model", self.model)
+        save_optimizer_state(directory / "optimizer", self.model, self.optimizer, is_writer=self.rank == 0)
 
-    def _engine_state(self) -> dict[str, Any]:
-        return {"plugin": self.name, "world_size": self.world_size, "tp": self.tp, "global_step": self.global_step,
-                "micro_step": self.micro_step, "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
-
-    def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
-        directory = require_complete(directory)
-        state = json.loads((directory / ENGINE_STATE_FILE).read_text())
+    def _load_model_and_optimizer(self, directory: Path) -> None:
         load_model_state(directory / "model", self.model)
         load_optimizer_state(directory / "optimizer", self.model, self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.global_step = int(state["global_step"])
-        self.micro_step = int(state["micro_step"])
-        load_rng(directory / "rng", self.rank)
-        if state["world_size"] != self.world_size or state.get("tp", 1) != self.tp:
-            log.info("resumed a checkpoint of world %d (tp %d) on world %d (tp %d): weights and optimizer state "
-                     "were re-sharded", state["world_size"], state.get("tp", 1), self.world_size, self.tp)
-        return json.loads((directory / CLIENT_STATE_FILE).read_text())
 
 
 @contextlib.contextmanager

@@ -31,9 +31,6 @@ from rlhf_ray.config.base import JobConfig, Section, run_cli
 DataType = Literal["sft", "preference", "prompt", "ptx"]
 InputFormat = Literal["auto", "seed", "hh_rlhf", "gsm8k", "sharegpt"]
 
-# The seed's (ColossalChat prepare_dataset.py) flag names that mean the same thing here.
-SEED_ALIASES = {"--num_samples_per_datafile": "--max_rows", "--data_input_dirs": "--input"}
-
 
 class PrepareSection(Section):
     """What to read, how to cut it, where to write."""
@@ -80,6 +77,9 @@ class TokenizerSection(Section):
 class PrepareConfig(JobConfig):
     prepare: PrepareSection
     tokenizer: TokenizerSection
+
+    # the seed's (ColossalChat prepare_dataset.py) names for the same settings
+    aliases = {"num_samples_per_datafile": "prepare.max_rows", "data_input_dirs": "prepare.input"}
 
     @model_validator(mode="before")
     @classmethod
@@ -219,9 +219,6 @@ def run(config: PrepareConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    argv = [SEED_ALIASES.get(arg.split("=", 1)[0], arg.split("=", 1)[0]) + arg[len(arg.split("=", 1)[0]):]
-            for arg in argv]
     return run_cli(PrepareConfig, run, argv, prog="rlhf-ray prepare", description=__doc__.split("\n\n")[0])
 
 

@@ -28,12 +28,14 @@ CHECKPOINT_STATE_FILE = "trainer_state.json"
 
 
 class SupervisedDataSection(Section):
-    """Prepared training data (the output of `rlhf-ray prepare`)."""
+    """Prepared training data (the output of `rlhf-ray prepare`) and how it is consumed: epochs, order, evaluation."""
 
     dataset: list[str] = Field(description="prepared data directories (`rlhf-ray prepare --output`); rows are "
                                            "concatenated in the order given")
     eval_dataset: list[str] | None = Field(None, description="prepared held-back data for loss/eval (and accuracy)")
     max_len: int = Field(512, ge=8, description="cut every sequence to this many tokens when batching")
+    max_epochs: int = Field(1, ge=1, description="passes over the training data")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (default: all epochs)")
     eval_interval: int = Field(0, ge=0, description="evaluate every N optimizer steps; 0 = at the end of each epoch")
     eval_at_start: bool = Field(False, description="also evaluate before the first step (the baseline of loss/eval)")
     shuffle: bool = Field(True, description="shuffle rows each epoch (order depends only on seed and epoch)")
@@ -64,23 +66,23 @@ class StepPlan:
     dropped_per_epoch: int
 
     @classmethod
-    def build(cls, rows: int, train, parallel) -> "StepPlan":
+    def build(cls, rows: int, data, train, parallel) -> "StepPlan":
         global_batch = train.batch_size * parallel.dp * train.accumulation_steps
         steps_per_epoch = rows // global_batch
         if steps_per_epoch == 0:
             raise ConfigError(f"--dataset has {rows} rows, fewer than one global batch: batch_size "
                               f"({train.batch_size}) × dp ({parallel.dp}) × accumulation_steps "
                               f"({train.accumulation_steps}) = {global_batch}; lower them or add data")
-        total = steps_per_epoch * train.max_epochs
-        if train.max_steps is not None:
-            total = min(total, train.max_steps)
+        total = steps_per_epoch * data.max_epochs
+        if data.max_steps is not None:
+            total = min(total, data.max_steps)
         return cls(rows, parallel.dp, global_batch, steps_per_epoch, total, rows - steps_per_epoch * global_batch)
 
-    def describe(self, train, parallel) -> str:
+    def describe(self, data, train, parallel) -> str:
         return (f"data: {self.rows} rows; global batch = batch_size {train.batch_size} × dp {parallel.dp} × "
                 f"accumulation_steps {train.accumulation_steps} = {self.global_batch} rows; "
-                f"{self.steps_per_epoch} steps/epoch × {train.max_epochs} epoch(s) -> {self.total_steps} optimizer "
-                f"steps" + (f" (max_steps {train.max_steps})" if train.max_steps else "")
+                f"{self.steps_per_epoch} steps/epoch × {data.max_epochs} epoch(s) -> {self.total_steps} optimizer "
+                f"steps" + (f" (max_steps {data.max_steps})" if data.max_steps else "")
                 + (f"; the last {self.dropped_per_epoch} rows of each epoch's order are left out "
                    f"(not a full global batch)" if self.dropped_per_epoch else ""))
 
@@ -121,20 +123,23 @@ def _check_model(cfg) -> None:
 
 def run_supervised(cfg, job: SupervisedJob) -> int:
     """Run one supervised job end to end; returns the exit status."""
+    from rlhf_ray.engines.registry import validate_engine_config
+
     prog = f"rlhf-ray {job.name}"
     try:
+        validate_engine_config(cfg.parallel, cfg.train)       # a wrong --plugin fails here, not on the ranks
         _check_model(cfg)
         train_rows = _load_rows(cfg.data.dataset, job.data_kind, "dataset")
         eval_rows = _load_rows(cfg.data.eval_dataset, job.data_kind, "eval_dataset") if cfg.data.eval_dataset else []
         if eval_rows and len(eval_rows) < cfg.parallel.dp:
             raise ConfigError(f"--eval_dataset has {len(eval_rows)} rows, fewer than the {cfg.parallel.dp} "
                               f"data-parallel ranks; give at least one row per rank")
-        plan = StepPlan.build(len(train_rows), cfg.train, cfg.parallel)
+        plan = StepPlan.build(len(train_rows), cfg.data, cfg.train, cfg.parallel)
         resume_from = resolve_checkpoint_path(cfg.checkpoint.checkpoint_path) if cfg.checkpoint.checkpoint_path \
             else None
     except ConfigError as exc:
         return _fail(prog, str(exc))
-    print(f"[{job.name}] {plan.describe(cfg.train, cfg.parallel)}", flush=True)
+    print(f"[{job.name}] {plan.describe(cfg.data, cfg.train, cfg.parallel)}", flush=True)
     for key, value in job.derived.items():
         print(f"[{job.name}] {key}: {value}", flush=True)
     if cfg.checkpoint.config_file:

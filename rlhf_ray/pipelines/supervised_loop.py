@@ -28,8 +28,7 @@ import ray
 
 from rlhf_ray.config.base import ConfigError
 from rlhf_ray.checkpoint.layout import CONFIG_BESIDE_CHECKPOINT, checkpoint_dir
-from rlhf_ray.pipelines.supervised import (CHECKPOINT_STATE_FILE, StepPlan, SupervisedJob,
-                                           checkpoint_dir, epoch_order)
+from rlhf_ray.pipelines.supervised import CHECKPOINT_STATE_FILE, StepPlan, SupervisedJob, epoch_order
 from rlhf_ray.placement import ClusterCapacity, ResourcePlan, connect_ray, disconnect_ray, spec_from_parallel
 from rlhf_ray.telemetry.progress import progress
 from rlhf_ray.telemetry.timers import Timers
@@ -169,7 +168,7 @@ class SupervisedRun:
                 self.tracker.log(self.evaluate(), step=step)
         state: dict[str, Any] = {}
         last_saved = step if resumed else -1
-        for epoch in range(start_epoch, cfg.train.max_epochs):
+        for epoch in range(start_epoch, cfg.data.max_epochs):
             order = epoch_order(plan.rows, cfg.train.seed, epoch, cfg.data.shuffle)
             for batch_index in range(start_batch if epoch == start_epoch else 0, plan.steps_per_epoch):
                 if step >= plan.total_steps:
@@ -214,8 +213,7 @@ class SupervisedRun:
         # The reference group has the policy's layout: its dp rank i scores shard i, and that result (an object ref,
         # resolved by Ray in the policy worker) goes straight to the policy ranks of dp group i.
         ref_by_dp = self.reference.call_split_async("score_preference", shard_refs)[::self.reference.tp_size]
-        return [worker.train_step.remote(shard_refs[self.policy.dp_rank(rank)], ref_by_dp[self.policy.dp_rank(rank)])
-                for rank, worker in enumerate(self.policy.workers)]
+        return self.policy.call_split_async("train_step", shard_refs, ref_by_dp)
 
     def evaluate(self) -> dict[str, float]:
         """Held-back metrics: `loss/eval` and `eval/<name>` for each objective metric (e.g. eval/acc)."""

@@ -3,17 +3,23 @@
     source = build_reward_source("gsm8k")                       # or "arithmetic", "rule", "remote", "model"
     result = source.score(prompts, responses, gt_answers)       # one float per response
     result.rewards -> [1.0, 0.0, ...];  result.metrics -> {"reward/mean": 0.5, "reward/accuracy": 0.5, ...}
+    pending = source.score_async(RewardBatch(prompts, responses, gt_answers, sequences, attention_mask))
+    result = pending.result()                                   # what the RL controller does, whatever the source
 
-A source scores a batch of (prompt text, response text, ground-truth answer or None). Sources are picklable so the
-controller can hand them to Ray actors. The reward-model source needs the trainer engines and is registered by the
-pipeline under the reserved name "model".
+A source scores a batch of (prompt text, response text, ground-truth answer or None); the reward-model source
+reads the batch's token rows instead. `score_async` starts scoring and returns at once, so the controller can run
+the reference and critic calls meanwhile: text sources score in a thread, the reward-model source on its Ray
+actors. Sources are picklable so the controller can hand them to Ray actors. The reward-model source needs the
+trainer engines and is registered by the pipeline under the reserved name "model".
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import threading
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -28,10 +34,27 @@ class RewardResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class RewardBatch:
+    """A batch to score: texts (every source reads them) and, for a source with `reads_tokens`, token rows. The
+    caller calls every source the same way; it only fills the token rows when the source will read them.
+
+    sequences, attention_mask: `(B, L)` token rows as the reward model should read them, or None (the reward-model
+    source then tokenizes prompt + response itself).
+    """
+
+    prompts: list[str]
+    responses: list[str]
+    gt_answers: list[str | None] | None = None
+    sequences: Any = None
+    attention_mask: Any = None
+
+
 class RewardSource(ABC):
     """Scores responses. Subclasses implement `compute_rewards`; `score` validates and adds summary metrics."""
 
     name: str = "reward"
+    reads_tokens: bool = False      # True: scores RewardBatch.sequences, so the caller should fill them
 
     def score(self, prompts: Sequence[str], responses: Sequence[str],
               gt_answers: Sequence[str | None] | None = None) -> RewardResult:
@@ -51,6 +74,20 @@ class RewardSource(ABC):
     def compute_rewards(self, prompts: list[str], responses: list[str],
                         gt_answers: list[str | None]) -> RewardResult:
         """Rewards for equally long lists (validated by `score`)."""
+
+    def score_async(self, batch: RewardBatch) -> "Future[RewardResult]":
+        """Start scoring `batch`; `.result()` waits for the RewardResult (and re-raises a scoring error). Text
+        sources score `batch.prompts/responses/gt_answers` in a thread of their own."""
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self.score(batch.prompts, batch.responses, batch.gt_answers))
+            except BaseException as error:  # noqa: BLE001 - handed to whoever calls result()
+                future.set_exception(error)
+
+        threading.Thread(target=run, name=f"reward-{self.name}", daemon=True).start()
+        return future
 
     def close(self) -> None:
         """Release resources (connections, actors). Default: nothing to release."""

@@ -39,8 +39,6 @@ class GeneratorSection(Section):
                                                               "default max_prompt_len + max_new_tokens")
     enable_prefix_caching: bool = Field(True, description="reuse KV blocks of shared prompt prefixes (vLLM); "
                                                           "reset after every weight update")
-    enable_sleep: bool = Field(False, description="let engines sleep (free GPU memory) between rollouts; "
-                                                  "vLLM GPU only, a no-op on CPU")
     enforce_eager: bool = Field(True, description="no CUDA graphs / torch.compile in vLLM (required on CPU)")
     max_restarts: int = Field(1, ge=0, description="times Ray restarts a crashed generator actor")
 
@@ -114,5 +112,5 @@ def sampling_overrides(section: GeneratorSection, overrides: dict[str, Any]) -> 
     try:
         checked = GeneratorSection.model_validate({**section.model_dump(), **overrides})
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, flag_style=False)) from None
+        raise ConfigError(format_validation_error(exc, prefix="")) from None
     return {name: getattr(checked, name) for name in overrides}

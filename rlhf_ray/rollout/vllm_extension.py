@@ -55,8 +55,10 @@ class WeightSyncExtension:
 
         if not getattr(self, "_rlhf_updating", False):
             raise RuntimeError("rlhf_finish_weight_update without rlhf_begin_weight_update")
+        model = self.model_runner.get_model()
         with set_current_vllm_config(self.vllm_config):
-            finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
+            finalize_layerwise_reload(model, self.vllm_config.model_config)
+            _rebuild_tied_output_layers(model)
         # state derived from the old weights (vLLM's own reload_weights resets the same)
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
             if hasattr(self.model_runner, reset):
@@ -119,3 +121,24 @@ class WeightSyncExtension:
         torch.cuda.synchronize()
         del shared
         return self._rlhf_load(unpack_bucket(metadata, flat))
+
+
+def _rebuild_tied_output_layers(model: torch.nn.Module) -> int:
+    """Re-run the kernel set-up of output layers whose weight IS an input embedding (tied embeddings).
+
+    A tied model's checkpoint, and so a trainer's sync, carries only the input embedding; the reload writes it into
+    the storage lm_head shares, but lm_head itself is never reloaded, and on CPU its kernel keeps the pre-packed copy
+    of the weights it was built with (vLLM logs "ParallelLMHead: Failed to load weights"). Rebuilding it makes the
+    sampler use the new output layer. Returns the number of layers rebuilt.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    modules = list(model.modules())
+    embeddings = {id(m.weight) for m in modules
+                  if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}
+    rebuilt = 0
+    for module in modules:
+        if isinstance(module, ParallelLMHead) and id(module.weight) in embeddings:
+            module.quant_method.process_weights_after_loading(module)
+            rebuilt += 1
+    return rebuilt

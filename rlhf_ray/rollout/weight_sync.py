@@ -15,7 +15,7 @@ Data flow of one sync (version v), driven by GeneratorGroup.sync_weights_from(tr
 At most `max_buckets_in_flight` buckets exist at once on the sender (packing bucket k+1 overlaps the engines
 loading bucket k), so a sync never holds the whole model twice.
 
-Channel choice ('auto'): object_store on CPU clusters (on par with gloo in benchmarks/bench_weight_sync.py, and it
+Channel choice ('auto'): object_store on CPU clusters (on par with gloo in rlhf_ray/benchmarks/bench_weight_sync.py, and it
 needs no process group, so a restarted engine needs no re-join), cuda_ipc when every engine shares rank 0's GPU,
 nccl otherwise. The GPU channels live in weight_sync_gpu.py.
 """

@@ -85,13 +85,6 @@ class GeneratorWorker(RankedWorker):
         self._updating_to = None
         return loaded
 
-    # ------------------------------------------------------------ memory
-    def sleep(self, level: int = 1) -> bool:
-        return self.backend.sleep(level)
-
-    def wake_up(self) -> bool:
-        return self.backend.wake_up()
-
     # ------------------------------------------------------------ testing
     def inject_crash_on_next_generate(self) -> None:
         """Fault injection for tests and drills: the next generate call kills this process (os._exit), as an

@@ -69,7 +69,7 @@ class GeneratorGroup:
         self.policy_version = 0
         self._channel_key: tuple | None = None
         self._group_id: str | None = None
-        states = ray.get([w.state.remote() for w in self.workers.workers], timeout=ready_timeout_s)
+        states = ray.get(self.workers.call_all_async("state"), timeout=ready_timeout_s)
         self.max_model_len = min(s["max_model_len"] for s in states)
 
     # ------------------------------------------------------------ generation
@@ -120,7 +120,7 @@ class GeneratorGroup:
                 if engine is None:
                     break
                 chunk = pending.popleft()
-                ref = self.workers.workers[engine.rank].generate.remote(chunk)
+                ref = self.workers.call_rank_async(engine.rank, "generate", chunk)
                 inflight[ref] = (engine, chunk)
                 engine.inflight_chunks += 1
                 engine.inflight_prompts += len(chunk)
@@ -158,7 +158,7 @@ class GeneratorGroup:
         finishes (ActorUnavailableError meanwhile), and fails it with ActorDiedError when the actor is gone for
         good."""
         engine.status = RECOVERING
-        self._probes[engine.rank] = self.workers.workers[engine.rank].state.options(max_task_retries=-1).remote()
+        self._probes[engine.rank] = self.workers.actor(engine.rank).state.options(max_task_retries=-1).remote()
 
     def _poll_probes(self, timeout: float = 0.0) -> None:
         if not self._probes:
@@ -205,8 +205,8 @@ class GeneratorGroup:
             targets = self._usable()
             if not targets:
                 raise RuntimeError(f"generator group {self.name!r}: no live engine to sync ({self._describe()})")
-            handles = [self.workers.workers[e.rank] for e in targets]
-            states = ray.get([h.state.remote() for h in handles])
+            handles = [self.workers.actor(e.rank) for e in targets]
+            states = ray.get([self.workers.call_rank_async(e.rank, "state") for e in targets])
             kind = resolve_channel(channel or self.section.weight_sync_channel,
                                    trainer_group.call_rank(0, "weight_sync_placement"), states)
             # (Re)connect when the trainer, channel or set of engines changed, or when an engine lost its place
@@ -235,7 +235,7 @@ class GeneratorGroup:
             self.wait_until_settled()
             targets = self._usable()
             channel = ObjectStoreChannel()
-            channel.connect([self.workers.workers[e.rank] for e in targets], [1] * len(targets), "driver", 0.0)
+            channel.connect([self.workers.actor(e.rank) for e in targets], [1] * len(targets), "driver", 0.0)
             try:
                 stats = WeightSender(channel, int(self.section.weight_sync_bucket_mb * (1 << 20))).send(weights,
                                                                                                          version)
@@ -260,18 +260,10 @@ class GeneratorGroup:
             if engine.status == READY and engine not in targets:
                 engine.status = STALE
 
-    # ------------------------------------------------------------ memory and lifetime
-    def sleep(self, level: int = 1) -> list[bool]:
-        with self._lock:
-            return ray.get([self.workers.workers[e.rank].sleep.remote(level) for e in self._usable()])
-
-    def wake_up(self) -> list[bool]:
-        with self._lock:
-            return ray.get([self.workers.workers[e.rank].wake_up.remote() for e in self._usable()])
-
+    # ------------------------------------------------------------ lifetime
     def inject_crash_on_next_generate(self, rank: int) -> None:
         """Fault drill: engine `rank` kills its own process when its next chunk arrives."""
-        ray.get(self.workers.workers[rank].inject_crash_on_next_generate.remote())
+        self.workers.call_rank(rank, "inject_crash_on_next_generate")
 
     def shutdown(self) -> None:
         self.workers.shutdown()

@@ -1,17 +1,20 @@
-"""WorkerGroup: the driver-side handle of N rank-aware Ray actors of one class.
+"""WorkerGroup: the driver-side handle of N rank-aware Ray actors of one class, and the only way the driver
+talks to them.
 
     group = WorkerGroup(TrainerWorker, GroupSpec(num_workers=2, cpus_per_worker=1), name="policy",
                         worker_kwargs={"config": cfg.model_dump()})
-    group.call_all("train_mode")                       # same call on every rank, results in rank order
-    group.call_split("train_step", shards)             # shard i goes to data-parallel rank i, put once
+    group.call_all("train_mode")                            # same call on every rank, results in rank order
+    group.call_split("train_step", shards)                  # shards[i] goes to data-parallel group i, put once
+    group.call_split_async("update", chunks, ptx, seed=3)   # several per-dp arguments; keywords go to every rank
+    group.call_rows_async("score", {"sequences": x, ...})   # rows split over the dp groups; one ref per dp group
     group.call_rank(0, "save", path)
 
 What it does for you:
   1. reserves one placement-group bundle per rank (or uses bundles you pass, for colocation with another group);
   2. starts the actors with RANK/WORLD_SIZE set and asks rank 0 for a rendezvous address;
   3. has every rank join a torch process group (gloo on CPU, nccl on GPU) — no torchrun;
-  4. dispatches calls: broadcast, per-rank split (each shard is put into the object store once and only the ranks
-     of that data-parallel group receive it), or one rank.
+  4. dispatches calls: broadcast, per-dp-group arguments (each is put into the object store once and only the
+     ranks of that data-parallel group receive it), rows of a batch split over the dp groups, or one rank.
 
 Rank layout with tensor parallelism: rank = dp_rank * tp + tp_rank, so the ranks of one TP group are adjacent and
 all get the same data shard.
@@ -22,10 +25,12 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import ray
+import torch
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.placement.groups import GroupSpec, build_placement_group
+from rlhf_ray.utils import split_evenly
 
 
 class WorkerGroup:
@@ -56,8 +61,14 @@ class WorkerGroup:
             ).remote(rank=rank, world_size=spec.num_workers, **(worker_kwargs or {}))
             for rank, index in enumerate(indices)
         ]
-        if setup_distributed and spec.num_workers > 1:
-            addr, port = ray.get(self.workers[0].rendezvous_address.remote())
+        if setup_distributed:
+            self.join_process_group(backend)
+
+    def join_process_group(self, backend: str | None = None) -> None:
+        """Rank 0 publishes a rendezvous address and every rank joins one torch process group (skipped for one
+        rank). Done at construction unless setup_distributed=False, e.g. to start several groups' actors first."""
+        if self.world_size > 1:
+            addr, port = self.call_rank(0, "rendezvous_address")
             self.call_all("setup_distributed", addr, port, backend)
 
     # ------------------------------------------------------------ layout
@@ -76,6 +87,11 @@ class WorkerGroup:
     def dp_rank(self, rank: int) -> int:
         return rank // self.tp_size
 
+    def actor(self, rank: int):
+        """The actor handle of `rank`, for what a call cannot express: handing the actor to another actor (weight
+        sync), per-call Ray options, ray.kill in a fault drill."""
+        return self.workers[rank]
+
     # ------------------------------------------------------------ dispatch
     def call_all_async(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         """Same call on every rank; large arguments should be ray.put once by the caller."""
@@ -90,17 +106,37 @@ class WorkerGroup:
     def call_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Any:
         return ray.get(self.call_rank_async(rank, method, *args, **kwargs))
 
-    def call_split_async(self, method: str, shards: Sequence[Any], **kwargs: Any) -> list[ray.ObjectRef]:
-        """shards[i] goes to every rank of data-parallel group i; each shard is put into the object store once."""
-        if len(shards) != self.dp_size:
-            raise ValueError(f"group {self.name!r}: got {len(shards)} shards for dp={self.dp_size} "
-                             f"(world {self.world_size} / tp {self.tp_size})")
-        refs = [shard if isinstance(shard, ray.ObjectRef) else ray.put(shard) for shard in shards]
-        return [getattr(worker, method).remote(refs[self.dp_rank(rank)], **kwargs)
-                for rank, worker in enumerate(self.workers)]
+    def call_split_async(self, method: str, *per_dp: Sequence[Any], **kwargs: Any) -> list[ray.ObjectRef]:
+        """Each positional argument is a list with one entry per data-parallel group: every rank of dp group i gets
+        entry i (put into the object store once, so the ranks of one TP group share one copy; an ObjectRef is
+        passed as it is, and Ray resolves it in the rank). Keyword arguments go to every rank unchanged.
+        Returns one ref per rank, in rank order."""
+        for values in per_dp:
+            if len(values) != self.dp_size:
+                raise ValueError(f"group {self.name!r}: got {len(values)} shards for dp={self.dp_size} "
+                                 f"(world {self.world_size} / tp {self.tp_size})")
+        refs = [[value if isinstance(value, ray.ObjectRef) else ray.put(value) for value in values]
+                for values in per_dp]
+        return [self.call_rank_async(rank, method, *(shards[self.dp_rank(rank)] for shards in refs), **kwargs)
+                for rank in range(self.world_size)]
 
-    def call_split(self, method: str, shards: Sequence[Any], **kwargs: Any) -> list[Any]:
-        return ray.get(self.call_split_async(method, shards, **kwargs))
+    def call_split(self, method: str, *per_dp: Sequence[Any], **kwargs: Any) -> list[Any]:
+        return ray.get(self.call_split_async(method, *per_dp, **kwargs))
+
+    def call_rows_async(self, method: str, batch: dict[str, Any], **kwargs: Any) -> list[ray.ObjectRef]:
+        """Split the rows of `batch` evenly over the dp groups (`split_rows`) and call `method(shard, **kwargs)` on
+        every rank of each dp group that got rows; a group with no rows (fewer rows than dp groups) is not called.
+        Returns one ref per called dp group (its first TP rank's; the others computed the same), in row order, so
+        `torch.cat(ray.get(refs))` lines up with the batch's rows."""
+        refs = []
+        for dp_rank, shard in enumerate(split_rows(batch, self.dp_size)):
+            if shard is None:
+                continue
+            ref = ray.put(shard)
+            ranks = range(dp_rank * self.tp_size, (dp_rank + 1) * self.tp_size)
+            calls = [self.call_rank_async(rank, method, ref, **kwargs) for rank in ranks]
+            refs.append(calls[0])
+        return refs
 
     # ------------------------------------------------------------ lifetime
     def shutdown(self) -> None:
@@ -115,3 +151,15 @@ class WorkerGroup:
                 remove_placement_group(self.placement)
             except Exception:  # noqa: BLE001
                 pass
+
+
+def split_rows(batch: dict[str, Any], parts: int) -> list[dict[str, Any] | None]:
+    """`parts` row shards of `batch`: every tensor with a batch dimension is cut along dim 0 into contiguous slices
+    whose sizes differ by at most one (`split_evenly`); other values (e.g. `response_len`) are copied into every
+    shard. A shard that would hold no rows is None."""
+    rows = {tensor.shape[0] for tensor in batch.values() if isinstance(tensor, torch.Tensor) and tensor.dim()}
+    assert len(rows) == 1, f"split_rows needs tensors with one batch size, got sizes {sorted(rows)}"
+    # Index with the row list (a copy): a sliced view would pickle its whole parent storage into every shard.
+    return [{key: value[index] if isinstance(value, torch.Tensor) and value.dim() else value
+             for key, value in batch.items()} if index else None
+            for index in split_evenly(range(rows.pop()), parts)]

@@ -29,15 +29,22 @@ from rlhf_ray.data.collators import IGNORE_INDEX, PreferenceCollator, SFTCollato
 from rlhf_ray.models.value_head import last_token_values
 
 
-def causal_lm_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(batch, seq) -> logits (batch, seq, vocab) of an HF causal LM (possibly DDP/FSDP-wrapped)."""
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (left padding does not shift them), as the generator saw them."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def causal_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) -> logits (batch, seq, vocab) of an HF causal LM (possibly DDP/FSDP-wrapped), left or right
+    padded."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask),
+                 use_cache=False).logits
 
 
 def shifted_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor,
                            attention_mask: torch.Tensor) -> torch.Tensor:
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for t < seq-1: shape (batch, seq - 1), float32."""
-    logits = causal_lm_logits(model, input_ids, attention_mask)
+    logits = causal_logits(model, input_ids, attention_mask)
     return compute_token_logprobs(logits[:, :-1], input_ids[:, 1:])
 
 
@@ -74,7 +81,7 @@ class SFTObjective:
 
     def loss(self, model, batch, scale: float) -> tuple[torch.Tensor, dict[str, float]]:
         labels, mask = self._targets(batch)
-        logits = causal_lm_logits(model, batch["input_ids"], batch["attention_mask"])
+        logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])
         nll = -compute_token_logprobs(logits[:, :-1], labels)                  # (batch, seq - 1)
         total = masked_sum(nll, mask)
         return total * scale, {"loss_sum": total.item()}

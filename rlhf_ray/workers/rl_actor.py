@@ -11,19 +11,19 @@ generators and the RL calls:
         ppo_update(chunk_refs, ptx_rows, num_update_steps, seed)     policy
         critic_update(chunk_refs, num_update_steps, seed)            critic
 
-`chunk_refs` are the object refs the replay-buffer shard of this rank's data-parallel group held: the driver passes
-refs, the tensors travel object store -> rank. Ranks of one tensor-parallel group get the same refs.
+`chunk_refs` are the object refs the replay buffer took for this rank's data-parallel group: the driver passes refs,
+the tensors travel object store -> rank (fetch_experience). Ranks of one tensor-parallel group get the same refs.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from typing import Any, Callable
 
 import torch
 
 from rlhf_ray.buffer.experience import Experience
+from rlhf_ray.buffer.replay_buffer import fetch_experience
 from rlhf_ray.rollout.weight_sync import WeightSyncSourceMixin
 from rlhf_ray.workers.rl_objectives import (RLLossSettings, actor_loss, compute_response_logprobs,
                                             compute_response_values, critic_loss, units_of)
@@ -83,25 +83,11 @@ class RLWorker(TrainerWorker, WeightSyncSourceMixin):
             m(input_ids=b["sequences"], attention_mask=b["attention_mask"],
               position_ids=position_ids_for(b["attention_mask"])), b["attention_mask"]))
 
+    def _require_kind(self, kind: str, method: str) -> None:
+        if self.model_kind != kind:
+            raise TypeError(f"{method} needs a {kind} model; this worker holds a {self.model_kind} model")
+
     # ------------------------------------------------------------ training
-    def _fetch(self, chunk_refs: list) -> Experience:
-        import ray
-
-        chunks = ray.get([wrapped[0] for wrapped in chunk_refs])
-        if not chunks:
-            raise RuntimeError(f"rank {self.rank}: no experience to train on (the buffer shard was empty)")
-        return chunks[0] if len(chunks) == 1 else Experience.concat(chunks, self.tokenizer.pad_token_id)
-
-    def _global_sum(self, local: float) -> float:
-        """Sum over the data-parallel ranks (tensor-parallel ranks share a shard, so the world sum / tp)."""
-        import torch.distributed as dist
-
-        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-            return local
-        total = torch.tensor([local], dtype=torch.float64)
-        dist.all_reduce(total)
-        return total.item() / self.parallel_cfg.tp
-
     def _micro_batches(self, experience: Experience, fields: tuple[str, ...], seed: int) -> list[dict]:
         accumulation = self.train_cfg.accumulation_steps
         expected = self.train_cfg.batch_size * accumulation
@@ -114,36 +100,34 @@ class RLWorker(TrainerWorker, WeightSyncSourceMixin):
 
     def _update(self, experience: Experience, fields: tuple[str, ...], loss_fn: Callable, num_update_steps: int,
                 seed: int, extra_batches: list[list[dict]] | None = None) -> list[dict[str, Any]]:
-        """num_update_steps optimizer steps over `experience`; returns per-step {sums, units, grad_norm, lr}."""
+        """num_update_steps optimizer steps over `experience` (reshuffled each step); returns per step what
+        TrainerWorker._accumulated_step returns, `tokens` being the response tokens trained on."""
         settings = self.loss_settings
-        dp_accumulation = self.parallel_cfg.dp * self.train_cfg.accumulation_steps
+
+        def count_units(batch: dict) -> float:
+            return units_of(batch["response_mask"], settings.loss_agg_mode)
+
+        def summed_loss(model, batch: dict, scale: float):
+            # The RL losses are micro-batch means times `rescale`; the step wants sums over the batch's units.
+            units = count_units(batch)
+            loss, means = loss_fn(model, batch, settings, units * scale)
+            return loss, {key: value * units for key, value in means.items()}
+
         results = []
         for step in range(num_update_steps):
             start = time.perf_counter()
             micro_batches = self._micro_batches(experience, fields, seed * 1_000 + step)
-            local = [units_of(mb["response_mask"], settings.loss_agg_mode) for mb in micro_batches]
-            tokens = float(sum(mb["response_mask"].sum().item() for mb in micro_batches))
-            global_units = self._global_sum(sum(local))
-            sums: dict[str, float] = defaultdict(float)
-            self.engine.train()
-            for index, (mb, units) in enumerate(zip(micro_batches, local)):
-                if extra_batches is not None:
-                    mb = {**mb, **extra_batches[step][index]}
-                rescale = units * dp_accumulation / max(global_units, 1e-12)
-                metrics = self.engine.forward_backward(mb, lambda model, b: loss_fn(model, b, settings, rescale))
-                for key, value in metrics.items():
-                    if key != "loss":
-                        sums[key] += float(value) * units
-            optim = self.engine.optimizer_step()
-            results.append({"sums": dict(sums), "units": float(sum(local)), "tokens": tokens,
-                            "time_s": time.perf_counter() - start, **{k: float(v) for k, v in optim.items()}})
+            if extra_batches is not None:
+                micro_batches = [{**batch, **extra} for batch, extra in zip(micro_batches, extra_batches[step])]
+            results.append(self._accumulated_step(micro_batches, count_units, summed_loss,
+                                                  lambda batch: float(batch["response_mask"].sum()), start))
         return results
 
     def ppo_update(self, chunk_refs: list, ptx_rows: list[dict] | None, num_update_steps: int,
                    seed: int) -> list[dict[str, Any]]:
         """The policy's update on its share of the buffer. When the experience carries no old log-probs (async
         mode, or they were left to the trainer), they are computed here first, with the weights as they are now."""
-        experience = self._fetch(chunk_refs)
+        experience = fetch_experience(chunk_refs, self.tokenizer.pad_token_id)
         if experience.old_logprobs is None:
             experience.old_logprobs = self.compute_response_logprobs(
                 {"sequences": experience.sequences, "attention_mask": experience.attention_mask,
@@ -152,7 +136,8 @@ class RLWorker(TrainerWorker, WeightSyncSourceMixin):
         return self._update(experience, ACTOR_FIELDS, actor_loss, num_update_steps, seed, extra)
 
     def critic_update(self, chunk_refs: list, num_update_steps: int, seed: int) -> list[dict[str, Any]]:
-        return self._update(self._fetch(chunk_refs), CRITIC_FIELDS, critic_loss, num_update_steps, seed)
+        experience = fetch_experience(chunk_refs, self.tokenizer.pad_token_id)
+        return self._update(experience, CRITIC_FIELDS, critic_loss, num_update_steps, seed)
 
     def _ptx_batches(self, rows: list[dict], num_update_steps: int) -> list[list[dict]]:
         """ptx rows -> per update step, per micro-batch: ptx_input_ids / ptx_attention_mask / ptx_labels."""

@@ -26,11 +26,13 @@ import torch.nn.functional as F
 from rlhf_ray.algorithms import (LossAggregation, PolicyLossParams, compute_entropy, compute_entropy_loss,
                                  compute_kl_loss, compute_policy_loss, compute_ptx_loss, compute_token_logprobs,
                                  compute_value_loss, count_tokens_and_sequences)
+from rlhf_ray.workers.objectives import causal_logits, position_ids_for
 
 
 @dataclass(frozen=True)
 class RLLossSettings:
-    """The loss settings a trainer rank needs (built by the controller from the algorithm section)."""
+    """The loss settings a trainer rank needs: the algorithm section's fields of the same names, and three values
+    the driver resolves (pipelines/rl/groups.py loss_settings)."""
 
     policy_loss: str = "ppo"
     clip_ratio_low: float = 0.2
@@ -52,11 +54,6 @@ class RLLossSettings:
         return PolicyLossParams(self.clip_ratio_low, self.clip_ratio_high, self.dual_clip)
 
 
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only (left padding does not shift them), as the generator saw them."""
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-
-
 def response_span(full: torch.Tensor, response_len: int) -> torch.Tensor:
     """`full[:, P - 1 : P + R - 1]`: the positions whose outputs predict (or value the state before) each
     response token; works for logits (B, L, V) and values (B, L)."""
@@ -68,11 +65,6 @@ def units_of(response_mask: torch.Tensor, loss_agg_mode: str) -> float:
     """Loss units of a micro-batch: kept tokens ("token-mean") or sequences with a kept token."""
     tokens, sequences = count_tokens_and_sequences(response_mask)
     return tokens if loss_agg_mode == "token-mean" else sequences
-
-
-def causal_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask),
-                 use_cache=False).logits
 
 
 @torch.no_grad()

@@ -12,8 +12,8 @@ never the whole job config. A step on one rank:
          --> optimizer_step (clip, AdamW, scheduler) --> {metric sums, units, tokens, grad_norm, lr}
 
 The number of loss units (tokens or pairs) of the whole global step is summed over ranks with one all-reduce, so
-the loss is the exact global mean (see objectives.py). Scoring methods (log-probs, values, rewards) serve the
-reference, reward and critic roles of PPO; `iter_weights` streams full tensors for weight sync.
+the loss is the exact global mean (see objectives.py); `_accumulated_step` does this for the RL roles too
+(rl_actor.py). `score_preference` serves DPO's reference group; `iter_weights` streams full tensors for weight sync.
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from rlhf_ray.config.sections import ModelSection, ParallelSection, TrainSection
+from rlhf_ray.models.loading import count_parameters
 from rlhf_ray.workers.base import RankedWorker
 from rlhf_ray.utils import split_evenly
-from rlhf_ray.workers.objectives import build_objective, shifted_token_logprobs
+from rlhf_ray.workers.objectives import build_objective
 
 MODEL_KINDS = ("causal_lm", "value")
 
@@ -102,21 +103,47 @@ class TrainerWorker(RankedWorker):
             from rlhf_ray.models.loading import load_causal_lm
 
             self.objective.reference_model = load_causal_lm(self.model_cfg, self._frozen_dtype(), for_training=False)
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in module.parameters())
+        trainable, total = count_parameters(module)
         return {"rank": self.rank, "parameters": total, "trainable_parameters": trainable,
                 "threads": torch.get_num_threads(), "pid": os.getpid()}
 
     # ------------------------------------------------------------ training
-    def _global_units(self, local_units: float) -> float:
-        """Loss units of the whole global step: the sum over dp ranks (tp ranks share a shard, so / tp)."""
+    def _global_sum(self, local: float) -> float:
+        """Sum over the data-parallel ranks (tensor-parallel ranks share a shard, so the world sum / tp)."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or self.world_size == 1:
-            return local_units
-        total = torch.tensor([local_units], dtype=torch.float64)
+        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return local
+        total = torch.tensor([local], dtype=torch.float64)
         dist.all_reduce(total)
         return total.item() / self.parallel_cfg.tp
+
+    def _accumulated_step(self, micro_batches: list[dict], count_units: Callable[[dict], float],
+                          loss_fn: Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, float]]],
+                          count_tokens: Callable[[dict], float], started: float) -> dict[str, Any]:
+        """One optimizer step over this rank's micro-batches (accumulation_steps of them), the gradient being that
+        of the exact mean over every loss unit of the global step (see objectives.py).
+
+        count_units(batch): loss units of a micro-batch (tokens, pairs or sequences); their sum over the dp ranks
+        (one all-reduce) gives scale = dp × accumulation_steps / global units.
+        loss_fn(model, batch, scale) -> (loss summed over the batch's units × scale, metric sums over its units).
+        Returns {"sums": metric sums, "units": this rank's units, "tokens": count_tokens summed, "time_s": since
+        `started`, "grad_norm", "lr", "skipped"[, "loss_scale"]}; merge_step_results turns ranks' results into means.
+        """
+        local_units = [count_units(batch) for batch in micro_batches]
+        scale = self.parallel_cfg.dp * self.train_cfg.accumulation_steps / max(self._global_sum(sum(local_units)),
+                                                                               1e-12)
+        sums: dict[str, float] = defaultdict(float)
+        self.engine.train()
+        for batch in micro_batches:
+            metrics = self.engine.forward_backward(batch, lambda model, b: loss_fn(model, b, scale))
+            for key, value in metrics.items():
+                if key != "loss":  # the engine's unscaled `loss` is loss_sum * scale; the sums carry the truth
+                    sums[key] += float(value)
+        optim = self.engine.optimizer_step()
+        return {"sums": dict(sums), "units": float(sum(local_units)),
+                "tokens": float(sum(count_tokens(batch) for batch in micro_batches)),
+                "time_s": time.perf_counter() - started, **{k: float(v) for k, v in optim.items()}}
 
     @staticmethod
     def _attach_reference_logps(rows: list[dict], ref_logps: list[tuple[float, float]] | None) -> list[dict]:
@@ -126,37 +153,16 @@ class TrainerWorker(RankedWorker):
             raise ValueError(f"got {len(ref_logps)} reference log-prob pairs for {len(rows)} rows")
         return [{**row, "ref_chosen_logps": c, "ref_rejected_logps": r} for row, (c, r) in zip(rows, ref_logps)]
 
-    @staticmethod
-    def _tokens(batch: dict[str, Any]) -> int:
-        return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
-
     def train_step(self, rows: list[dict], ref_logps: list[tuple[float, float]] | None = None) -> dict[str, Any]:
-        """One optimizer step on this rank's rows (accumulation_steps micro-batches of batch_size rows).
-
-        Returns {"sums": metric sums over loss units, "units", "tokens", "grad_norm", "lr", "time_s"}.
-        """
+        """One optimizer step on this rank's rows (accumulation_steps micro-batches of batch_size rows); returns
+        what _accumulated_step returns. `tokens` counts every real input token (all attention masks)."""
         start = time.perf_counter()
         rows = self._attach_reference_logps(list(rows), ref_logps)
         chunks = [c for c in split_evenly(rows, self.train_cfg.accumulation_steps) if c]
         batches = [self.objective.collate(chunk) for chunk in chunks]
-        local_units = sum(self.objective.count_units(b) for b in batches)
-        global_units = self._global_units(local_units)
-        scale = self.parallel_cfg.dp * self.train_cfg.accumulation_steps / max(global_units, 1e-12)
-        sums: dict[str, float] = defaultdict(float)
-        tokens = 0
-        self.engine.train()
-        for batch in batches:
-            if self.colocated_reference:
-                batch = self.objective.attach_reference(batch)
-            metrics = self.engine.forward_backward(batch, lambda model, b: self.objective.loss(model, b, scale))
-            for key, value in metrics.items():
-                if key != "loss":  # the engine's unscaled `loss` is loss_sum * scale; the sums carry the truth
-                    sums[key] += float(value)
-            tokens += self._tokens(batch)
-        assert self.engine.is_accumulation_boundary(), "a step must end on an accumulation boundary"
-        optim = self.engine.optimizer_step()
-        return {"sums": dict(sums), "units": local_units, "tokens": tokens, "time_s": time.perf_counter() - start,
-                **{k: float(v) for k, v in optim.items()}}
+        if self.colocated_reference:
+            batches = [self.objective.attach_reference(batch) for batch in batches]
+        return self._accumulated_step(batches, self.objective.count_units, self.objective.loss, _input_tokens, start)
 
     @torch.no_grad()
     def eval_step(self, rows: list[dict], num_chunks: int | None = None) -> dict[str, Any]:
@@ -182,7 +188,7 @@ class TrainerWorker(RankedWorker):
             units += self.objective.count_units(batch)
         return {"sums": dict(sums), "units": units}
 
-    # ------------------------------------------------------------ scoring (reference, reward, critic roles)
+    # ------------------------------------------------------------ inference (eval, scoring)
     def _forward(self, batch: dict[str, Any], fn):
         """Inference under the engine's precision, no grad. Under DDP the replica is called directly: DDP's own
         forward broadcasts buffers (a collective), which would hang when one rank scores alone. Sharded models
@@ -201,29 +207,6 @@ class TrainerWorker(RankedWorker):
             chosen, rejected = self._forward(batch, self.objective.sequence_logps)
             out.extend(zip(chosen.float().tolist(), rejected.float().tolist()))
         return out
-
-    def compute_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """input_ids, attention_mask (batch, seq) -> token log-probs (batch, seq - 1), float32 on CPU.
-        Entry t is log p(input_ids[t + 1] | input_ids[:t + 1])."""
-        self._require_kind("causal_lm", "compute_logprobs")
-        out = self._forward(batch, lambda m, b: shifted_token_logprobs(m, b["input_ids"], b["attention_mask"]))
-        return out.float().cpu()
-
-    def compute_values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """input_ids, attention_mask (batch, seq) -> values (batch, seq), float32 on CPU (critic role)."""
-        self._require_kind("value", "compute_values")
-        return self._forward(batch, lambda m, b: m(input_ids=b["input_ids"],
-                                                   attention_mask=b["attention_mask"])).float().cpu()
-
-    def compute_rewards(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """input_ids, attention_mask (batch, seq) -> the value at each row's last real token (batch,) (reward role)."""
-        from rlhf_ray.models.value_head import last_token_values
-
-        return last_token_values(self.compute_values(batch), batch["attention_mask"])
-
-    def _require_kind(self, kind: str, method: str) -> None:
-        if self.model_kind != kind:
-            raise TypeError(f"{method} needs a {kind} model; this worker holds a {self.model_kind} model")
 
     # ------------------------------------------------------------ state
     def save_checkpoint(self, directory: str, client_state: dict[str, Any] | None = None) -> str:
@@ -260,6 +243,10 @@ def _without_ddp(model: torch.nn.Module) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _input_tokens(batch: dict[str, Any]) -> float:
+    return float(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
 
 
 def _chunks(rows: list, size: int) -> Iterator[list]:

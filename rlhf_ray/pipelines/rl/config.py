@@ -1,17 +1,19 @@
 """The RL job's typed config: PPO and GRPO share every section; GRPO has no critic and other defaults.
 
-Sections (each field is a flag `--section.field`, and `--field` when the name is unique in the job):
+Sections (each field is a flag `--section.field`, and `--field` under its own name or the job's alias):
 
     model       the policy (and reference) model: --pretrain --tokenizer_dir --grad_checkpoint, LoRA
     data        --prompt_dataset --pretrain_dataset --ptx_batch_size --conversation_template_config
     rl          the episode schedule: --num_episodes --num_collect_steps --num_update_steps --experience_batch_size,
                 async mode and its --max_staleness
-    train       policy optimiser and batches: --train_batch_size --accumulation_steps --lr --mixed_precision ...
+    train       policy optimiser and batches, the supervised jobs' TrainSection with RL defaults:
+                --train_batch_size (= train.batch_size) --accumulation_steps --lr --mixed_precision --seed ...
     algorithm   estimator, policy loss, clipping, KL (in the reward or as a loss; fixed/adaptive), entropy, ptx
-    parallel    the policy group's layout: --plugin --num_workers --tp, resources, pool
-    critic      PPO only: --critic_pretrain --critic_lr and the critic's resources (it mirrors the policy layout)
-    reference   the reference group's resources
-    reward      where rewards come from (model | rule | gsm8k | arithmetic | remote) and the reward group's resources
+    parallel    the policy group's layout and resources: --plugin --num_workers --tp --cpus_per_worker ... --pool
+    critic      PPO only: --critic_pretrain --critic_lr and each rank's resources (it mirrors the policy's ranks)
+    reference   the reference group's resources (ResourcesSection): --ref_num_workers --ref_cpus_per_worker ...
+    reward      where rewards come from (model | rule | gsm8k | arithmetic | remote) and the reward-model group's
+                resources: --reward_num_workers --reward_cpus_per_worker ...
     placement   colocation (policy+reference, critic+reward, everything) and the generators' node pool
     generator   the vLLM (or HF) generator group and sampling (rollout/config.py)
     checkpoint, logging
@@ -29,8 +31,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from rlhf_ray.config.base import ConfigError, JobConfig, Section
-from rlhf_ray.config.sections import (CheckpointSection, LoggingSection, MixedPrecision, ModelSection,
-                                      ParallelSection, TrainSection)
+from rlhf_ray.config.sections import (CheckpointSection, LoggingSection, ModelSection, ParallelSection,
+                                      ResourcesSection, TrainSection, WorkerResources)
 from rlhf_ray.rollout.config import GeneratorSection
 
 RewardSourceName = Literal["model", "rule", "gsm8k", "arithmetic", "remote"]
@@ -69,35 +71,8 @@ class RLScheduleSection(Section):
                                                           "values, rewards)")
 
 
-class RLTrainSection(Section):
-    """The policy's optimiser and batch settings (the seed's names)."""
-
-    train_batch_size: int = Field(4, ge=1, description="samples per micro-batch on each data-parallel rank")
-    accumulation_steps: int = Field(2, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(9e-6, gt=0, description="policy peak learning rate (AdamW)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    warmup_steps: int | None = Field(None, ge=0, description="linear warmup optimizer steps; default 2.5%% of "
-                                                             "num_episodes × num_update_steps")
-    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm; 0 disables")
-    mixed_precision: MixedPrecision = Field("fp32", description="fp32, bf16, or fp16 with loss scaling")
-    seed: int = Field(42, description="seed for prompt order, model init and update shuffling")
-
-    def as_train_section(self, lr: float | None = None) -> TrainSection:
-        """The TrainSection a trainer worker understands (batch_size = train_batch_size)."""
-        return TrainSection(batch_size=self.train_batch_size, accumulation_steps=self.accumulation_steps,
-                            lr=lr if lr is not None else self.lr, weight_decay=self.weight_decay,
-                            warmup_steps=self.warmup_steps, grad_clip=self.grad_clip,
-                            mixed_precision=self.mixed_precision, seed=self.seed)
-
-
-class GRPOTrainSection(RLTrainSection):
-    """The policy's optimiser and batch settings (the seed's names); defaults fit GRPO's 4 samples per prompt."""
-
-    train_batch_size: int = Field(16, ge=1, description="samples per micro-batch on each data-parallel rank")
-
-
 class AlgorithmSection(Section):
-    """Advantages, losses and KL. Defaults are PPO's (GAE, KL in the reward)."""
+    """Advantages, losses and KL. Defaults are PPO's (GAE, KL in the reward); GRPOConfig sets GRPO's."""
 
     advantage_estimator: str = Field("gae", description="gae | grpo | grpo_no_std | rloo | reinforce_plus_plus | "
                                                         "reinforce_plus_plus_baseline")
@@ -167,38 +142,16 @@ class AlgorithmSection(Section):
         return self.advantage_estimator in GROUP_ESTIMATORS
 
 
-class GRPOAlgorithmSection(AlgorithmSection):
-    """Advantages, losses and KL. Defaults are GRPO's (group-normalised advantages, KL as a loss)."""
+class CriticSection(WorkerResources):
+    """The critic (PPO with GAE). It has the policy's ranks (num_workers, tp, plugin) so that its data-parallel
+    shards line up with the replay buffer; its model, learning rate and what each rank reserves are its own."""
 
-    advantage_estimator: str = Field("grpo", description="grpo | grpo_no_std | rloo | reinforce_plus_plus | "
-                                                         "reinforce_plus_plus_baseline (no critic in this job)")
-    kl_mode: Literal["reward", "loss"] = Field("loss", description="loss: k3-style KL term in the policy loss "
-                                                                   "(GRPO); reward: per-token penalty")
-    kl_coef: float = Field(0.01, ge=0, description="initial KL coefficient; 0 = no KL and no reference group")
-
-
-class CriticSection(Section):
-    """The critic (PPO with GAE). It has the policy's layout (num_workers, tp, plugin) so that its data-parallel
-    shards line up with the replay buffer; its resources and learning rate are its own."""
-
-    critic_pretrain: str | None = Field(None, description="critic init; default the reward model "
-                                                          "(--rm_checkpoint_path / --rm_pretrain), else --pretrain")
-    critic_lr: float = Field(9e-6, gt=0, description="critic peak learning rate")
-    critic_cpus_per_worker: float = Field(1, gt=0, description="CPUs each critic rank reserves")
-    critic_gpus_per_worker: float = Field(0, ge=0, description="GPUs each critic rank reserves")
-    critic_pool: str | None = Field(None, description="node pool of the critic ranks")
+    pretrain: str | None = Field(None, description="critic init; default the reward model "
+                                                   "(--rm_checkpoint_path / --rm_pretrain), else --pretrain")
+    lr: float = Field(9e-6, gt=0, description="critic peak learning rate")
 
 
-class ReferenceSection(Section):
-    """The frozen reference model (the initial policy): resources of its inference group."""
-
-    ref_num_workers: int = Field(1, ge=1, description="reference workers (the batch is split among them)")
-    ref_cpus_per_worker: float = Field(1, gt=0, description="CPUs each reference worker reserves")
-    ref_gpus_per_worker: float = Field(0, ge=0, description="GPUs each reference worker reserves")
-    ref_pool: str | None = Field(None, description="node pool of the reference workers")
-
-
-class RewardSection(Section):
+class RewardSection(ResourcesSection):
     """Where rewards come from, and the reward-model group's resources when it is a model."""
 
     reward_source: RewardSourceName | None = Field(
@@ -216,10 +169,6 @@ class RewardSection(Section):
     reward_url: str | None = Field(None, description="remote reward: the scoring endpoint (http://...)")
     reward_timeout_s: float = Field(60.0, gt=0, description="remote reward: seconds per request")
     reward_retries: int = Field(3, ge=0, description="remote reward: retries after a failed request")
-    reward_num_workers: int = Field(1, ge=1, description="reward-model workers (the batch is split among them)")
-    reward_cpus_per_worker: float = Field(1, gt=0, description="CPUs each reward-model worker reserves")
-    reward_gpus_per_worker: float = Field(0, ge=0, description="GPUs each reward-model worker reserves")
-    reward_pool: str | None = Field(None, description="node pool of the reward-model workers")
 
     @property
     def rm_path(self) -> str | None:
@@ -257,41 +206,60 @@ class PlacementSection(Section):
     generator_pool: str | None = Field(None, description="node pool of the generator engines")
 
 
-class GRPOGeneratorSection(GeneratorSection):
-    """The rollout generator group: N engines (vLLM or transformers), sampling settings and weight sync."""
-
-    n_samples_per_prompt: int = Field(4, ge=1, description="completions per prompt (the GRPO group size)")
+# The seed's flat flag names (ColossalChat train_ppo.py, and this project's earlier flags) that are not a field's
+# own unique name, and the field each one sets. JobConfig refuses a field name shared by sections that has no entry.
+RL_ALIASES = {
+    "seed": "train.seed", "train_batch_size": "train.batch_size",
+    "num_workers": "parallel.num_workers", "cpus_per_worker": "parallel.cpus_per_worker",
+    "gpus_per_worker": "parallel.gpus_per_worker", "pool": "parallel.pool",
+    "ref_num_workers": "reference.num_workers", "ref_cpus_per_worker": "reference.cpus_per_worker",
+    "ref_gpus_per_worker": "reference.gpus_per_worker", "ref_pool": "reference.pool",
+    "reward_num_workers": "reward.num_workers", "reward_cpus_per_worker": "reward.cpus_per_worker",
+    "reward_gpus_per_worker": "reward.gpus_per_worker", "reward_pool": "reward.pool",
+}
+PPO_ALIASES = {
+    **RL_ALIASES, "pretrain": "model.pretrain", "lr": "train.lr",
+    "critic_pretrain": "critic.pretrain", "critic_lr": "critic.lr", "critic_cpus_per_worker": "critic.cpus_per_worker",
+    "critic_gpus_per_worker": "critic.gpus_per_worker", "critic_pool": "critic.pool",
+}
 
 
 class PPOConfig(JobConfig):
     model: ModelSection = ModelSection()
     data: RLDataSection = RLDataSection()
     rl: RLScheduleSection = RLScheduleSection()
-    train: RLTrainSection = RLTrainSection()
+    train: TrainSection = TrainSection(accumulation_steps=2, lr=9e-6)
     algorithm: AlgorithmSection = AlgorithmSection()
     parallel: ParallelSection = ParallelSection()
     critic: CriticSection = CriticSection()
-    reference: ReferenceSection = ReferenceSection()
+    reference: ResourcesSection = ResourcesSection()
     reward: RewardSection = RewardSection()
     placement: PlacementSection = PlacementSection()
     generator: GeneratorSection = GeneratorSection()
     checkpoint: RLCheckpointSection = RLCheckpointSection()
     logging: LoggingSection = LoggingSection()
 
+    aliases = PPO_ALIASES
+
 
 class GRPOConfig(JobConfig):
+    """PPO's sections without the critic, with GRPO's defaults: 4 samples per prompt, group-normalised advantages,
+    KL as a loss term, 16-sample micro-batches."""
+
     model: ModelSection = ModelSection()
     data: RLDataSection = RLDataSection()
     rl: RLScheduleSection = RLScheduleSection()
-    train: GRPOTrainSection = GRPOTrainSection()
-    algorithm: GRPOAlgorithmSection = GRPOAlgorithmSection()
+    train: TrainSection = TrainSection(batch_size=16, accumulation_steps=2, lr=9e-6)
+    algorithm: AlgorithmSection = AlgorithmSection(advantage_estimator="grpo", kl_mode="loss", kl_coef=0.01)
     parallel: ParallelSection = ParallelSection()
-    reference: ReferenceSection = ReferenceSection()
+    reference: ResourcesSection = ResourcesSection()
     reward: RewardSection = RewardSection()
     placement: PlacementSection = PlacementSection()
-    generator: GRPOGeneratorSection = GRPOGeneratorSection()
+    generator: GeneratorSection = GeneratorSection(n_samples_per_prompt=4)
     checkpoint: RLCheckpointSection = RLCheckpointSection()
     logging: LoggingSection = LoggingSection()
+
+    aliases = RL_ALIASES
 
 
 RLConfig = PPOConfig | GRPOConfig
@@ -324,7 +292,7 @@ class BufferPlan:
         return cls(dp=cfg.parallel.dp, tp=cfg.parallel.tp, num_collect_steps=cfg.rl.num_collect_steps,
                    experience_batch_size=cfg.rl.experience_batch_size,
                    n_samples_per_prompt=cfg.generator.n_samples_per_prompt,
-                   train_batch_size=cfg.train.train_batch_size, accumulation_steps=cfg.train.accumulation_steps)
+                   train_batch_size=cfg.train.batch_size, accumulation_steps=cfg.train.accumulation_steps)
 
     @property
     def prompts_per_collect(self) -> int:
@@ -375,7 +343,7 @@ def check_rl_config(cfg: RLConfig, job: str) -> list[str]:
         raise ConfigError("--pretrain is required: the initial policy (an HF model directory)")
     for flag, path in (("--pretrain", cfg.model.pretrain), ("--rm_checkpoint_path", cfg.reward.rm_checkpoint_path),
                        ("--rm_pretrain", cfg.reward.rm_pretrain),
-                       ("--critic_pretrain", getattr(getattr(cfg, "critic", None), "critic_pretrain", None))):
+                       ("--critic_pretrain", getattr(getattr(cfg, "critic", None), "pretrain", None))):
         if path and not (Path(path) / "config.json").is_file():
             raise ConfigError(f"{flag} {path}: no config.json there; give an HF model directory (a `rlhf-ray sft` / "
                               f"`rlhf-ray rm` --save_path works)")

@@ -6,15 +6,17 @@ only in the estimator, the KL placement and whether a critic exists.
          1a generate     dp × experience_batch_size prompts -> generator group (vLLM) -> n samples per prompt,
                          token ids + sampler log-probs, stamped with the engines' policy version
          1b experience   padded into an Experience (prompt left-padded | response right-padded)
-         1c score        in parallel: reward (model group / rule / remote), reference log-probs, critic values,
-                         policy old log-probs
+         1c score        in parallel: reward (one call, whatever the source: model group / rule / remote),
+                         reference log-probs, critic values, policy old log-probs (rows split over each group's dp)
          1d advantages   KL (k1/k2/k3...; in the reward or left to the loss; fixed/adaptive coefficient), token
                          rewards, advantages and returns (GAE, GRPO, RLOO, REINFORCE++)
-         1e buffer       split per policy dp rank into the replay-buffer shards (each chunk ray.put once)
-      2. update          policy (and critic) ranks receive their shard's object refs and run num_update_steps
-                         optimizer steps (clipped PPO loss, dual clip, value clip, entropy, KL loss, ptx)
+         1e buffer       split per policy dp rank into the replay buffer (each chunk ray.put once, refs kept)
+      2. update          the buffer hands out one episode of refs per dp rank; policy (and critic) ranks fetch
+                         them and run num_update_steps optimizer steps (clipped PPO loss, dual clip, value clip,
+                         entropy, KL loss, ptx)
       3. weight sync     policy -> generators, version e + 1
-      4. log             reward, KL, returns, advantages, losses, clip fractions, lengths, timing/<phase>
+      4. log             reward, KL, returns, advantages, losses, clip fractions, lengths, buffer/..., staleness,
+                         timing/<phase>
     async mode: stage 1 of episode e + 1 runs in a background thread (async_mode.py) during stages 2-3 of e.
 """
 
@@ -22,13 +24,12 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
 import torch
 
-from rlhf_ray.buffer import ReplayBuffer
+from rlhf_ray.buffer.replay_buffer import ReplayBuffer
 from rlhf_ray.checkpoint.atomic import atomic_directory
 from rlhf_ray.checkpoint.layout import CONFIG_BESIDE_CHECKPOINT, checkpoint_dir
 from rlhf_ray.config.base import ConfigError
@@ -36,35 +37,18 @@ from rlhf_ray.pipelines.rl.async_mode import AsyncCollector
 from rlhf_ray.pipelines.rl.config import BufferPlan
 from rlhf_ray.pipelines.rl.experience import (AdvantageSettings, build_experience, finalize_experience,
                                               kl_controller_from, reward_model_inputs, scoring_batch)
-from rlhf_ray.pipelines.rl.metrics import merge_update_results, staleness_metrics
-from rlhf_ray.rewards.base import summarize_rewards
+from rlhf_ray.pipelines.rl.metrics import merge_update_results
+from rlhf_ray.rewards.base import RewardBatch
 from rlhf_ray.telemetry.timers import Timers
-from rlhf_ray.utils import split_evenly
 
 RL_STATE_FILE = "rl_state.json"
-
-
-def split_call(group, method: str, batch: dict, **kwargs) -> list:
-    """Rows of `batch` split evenly over the group's dp ranks (every rank of a dp group gets the same rows);
-    returns one ref per dp group (its first tp rank's), in row order."""
-    rows = list(range(batch["sequences"].shape[0]))
-    refs = []
-    for dp_rank, ix in enumerate(split_evenly(rows, group.dp_size)):
-        if not ix:
-            continue
-        shard = ray.put({"sequences": batch["sequences"][ix], "attention_mask": batch["attention_mask"][ix],
-                         "response_len": batch["response_len"]})
-        ranks = range(dp_rank * group.tp_size, (dp_rank + 1) * group.tp_size)
-        calls = [getattr(group.workers[rank], method).remote(shard, **kwargs) for rank in ranks]
-        refs.append(calls[0])
-    return refs
 
 
 class RLController:
     """Runs the episodes over started role groups (groups.py); built by run_rl once every check has passed.
 
-    Owns the replay buffer (one shard per policy dp rank, room for max_staleness + 1 episodes in async mode), the
-    KL controller and the policy version. `resume` restores a checkpoint; `run` does the episodes; `export` writes
+    Owns the replay buffer (refs per policy dp rank, room for max_staleness + 1 episodes in async mode), the KL
+    controller and the policy version. `resume` restores a checkpoint; `run` does the episodes; `export` writes
     the HF policy (and critic).
     """
 
@@ -76,13 +60,12 @@ class RLController:
         self.settings = AdvantageSettings.from_algorithm(cfg.algorithm)
         self.kl_ctl = kl_controller_from(cfg.algorithm)
         self.temperature = cfg.generator.temperature
-        depth = cfg.rl.max_staleness + 1 if cfg.rl.async_mode else 1
-        self.buffer = ReplayBuffer(num_shards=self.plan.dp, capacity_per_shard=self.plan.samples_per_rank * depth,
-                                   pad_token_id=tokenizer.pad_token_id, name=f"{job}-experience")
+        self.buffer = ReplayBuffer(self.plan.dp, self.plan.samples_per_rank,
+                                   max_staleness=cfg.rl.max_staleness if cfg.rl.async_mode else 0,
+                                   name=f"{job}-experience")
         self.version = 0                   # policy version = weight syncs so far; episode e trains at version e
         self.start_episode = 0
         self.startup_metrics: dict[str, float] = {}   # timing/startup etc., logged with the first episode
-        self._text_scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
 
     # ------------------------------------------------------------ 1. collect
     def collect_episode(self, episode: int) -> dict[str, float]:
@@ -111,34 +94,22 @@ class RLController:
         """Stage 1c: every scorer starts before any result is awaited. Sets scores, ref_logprobs, values,
         old_logprobs on `experience`; returns the reward metrics."""
         groups, batch = self.groups, scoring_batch(experience)
-        if groups.reward is not None:
-            rm_rows = (experience.sequences, experience.attention_mask)
-            if self.cfg.reward.rm_append_end:
-                rm_rows = reward_model_inputs(experience, self.template_ids.stop_ids, self.template_ids.end_ids,
-                                              self.tokenizer.pad_token_id)
-            reward_refs = self.reward_source.score_tokens_async(*rm_rows)
-        else:
-            prompts, responses, answers = self._texts(rollouts, rows)
-            reward_future = self._text_scorer.submit(self.reward_source.score, prompts, responses, answers)
+        reward = self.reward_source.score_async(self._reward_batch(experience, rollouts, rows))
         pending = {}
         if groups.reference is not None:
-            pending["ref_logprobs"] = split_call(groups.reference, "compute_response_logprobs", batch,
-                                                 temperature=self.temperature)
+            pending["ref_logprobs"] = groups.reference.call_rows_async("compute_response_logprobs", batch,
+                                                                       temperature=self.temperature)
         if groups.critic is not None:
-            pending["values"] = split_call(groups.critic, "compute_response_values", batch)
+            pending["values"] = groups.critic.call_rows_async("compute_response_values", batch)
         recompute = self.cfg.rl.old_logprobs_source == "policy"
         if recompute and not self.cfg.rl.async_mode:
-            pending["old_logprobs"] = split_call(groups.policy, "compute_response_logprobs", batch,
-                                                 temperature=self.temperature)
+            pending["old_logprobs"] = groups.policy.call_rows_async("compute_response_logprobs", batch,
+                                                                    temperature=self.temperature)
         for name, refs in pending.items():
             setattr(experience, name, torch.cat(ray.get(refs)))
-        if groups.reward is not None:
-            scores = self.reward_source.collect(reward_refs)
-            metrics = summarize_rewards(scores.tolist())
-        else:
-            result = reward_future.result()
-            scores, metrics = torch.tensor(result.rewards, dtype=torch.float32), dict(result.metrics)
-        experience.scores = scores
+        result = reward.result()
+        experience.scores = torch.tensor(result.rewards, dtype=torch.float32)
+        metrics = dict(result.metrics)
         mask = experience.response_mask.bool()
         if experience.old_logprobs is not None:
             # The sampler's and the trainer's log-probs of the same tokens: ~0 when both run the same weights.
@@ -148,7 +119,8 @@ class RLController:
             experience.old_logprobs = experience.rollout_logprobs.clone()
         return metrics
 
-    def _texts(self, rollouts, rows: list[dict]) -> tuple[list[str], list[str], list]:
+    def _reward_batch(self, experience, rollouts, rows: list[dict]) -> RewardBatch:
+        """Texts and answers for every source; token rows too when the source reads tokens (a reward model)."""
         prompts, responses, answers = [], [], []
         for rollout in rollouts:
             prompt = self.tokenizer.decode(rollout.prompt_ids, skip_special_tokens=True)
@@ -156,31 +128,28 @@ class RLController:
                 prompts.append(prompt)
                 responses.append(sample.text)
                 answers.append(rows[rollout.prompt_index].get("gt_answer"))
-        return prompts, responses, answers
+        if not self.reward_source.reads_tokens:
+            return RewardBatch(prompts, responses, answers)
+        sequences, attention_mask = experience.sequences, experience.attention_mask
+        if self.cfg.reward.rm_append_end:
+            sequences, attention_mask = reward_model_inputs(experience, self.template_ids.stop_ids,
+                                                            self.template_ids.end_ids, self.tokenizer.pad_token_id)
+        return RewardBatch(prompts, responses, answers, sequences, attention_mask)
 
     # ------------------------------------------------------------ 2. update, 3. weight sync
     def update_episode(self, episode: int) -> dict[str, float]:
         timers, policy, critic = Timers(), self.groups.policy, self.groups.critic
         with timers("update"):                                                          # 2
-            taken = ray.get([shard.take.remote(self.plan.samples_per_rank) for shard in self.buffer.shards])
-            held = [sum(n for _, n, _ in entries) for entries in taken]
-            if any(n != self.plan.samples_per_rank for n in held):
-                raise RuntimeError(f"buffer shards held {held} samples; each dp rank needs "
-                                   f"{self.plan.samples_per_rank} for one episode")
-            chunks = [[wrapped for wrapped, _, _ in entries] for entries in taken]
-            seed = self.cfg.train.seed * 1_000 + episode
-            ptx = self._ptx_per_dp_rank(episode)
-            refs = [worker.ppo_update.remote(chunks[policy.dp_rank(rank)], ptx[policy.dp_rank(rank)],
-                                             self.cfg.rl.num_update_steps, seed)
-                    for rank, worker in enumerate(policy.workers)]
-            critic_refs = [] if critic is None else [
-                worker.critic_update.remote(chunks[critic.dp_rank(rank)], self.cfg.rl.num_update_steps, seed)
-                for rank, worker in enumerate(critic.workers)]
+            chunks = self.buffer.take(self.version)
+            steps, seed = self.cfg.rl.num_update_steps, self.cfg.train.seed * 1_000 + episode
+            refs = policy.call_split_async("ppo_update", chunks, self._ptx_per_dp_rank(episode),
+                                           num_update_steps=steps, seed=seed)
+            critic_refs = [] if critic is None else critic.call_split_async("critic_update", chunks,
+                                                                            num_update_steps=steps, seed=seed)
             metrics = merge_update_results(ray.get(refs), policy.tp_size, "policy")
             if critic is not None:
                 metrics.update(merge_update_results(ray.get(critic_refs), critic.tp_size, "critic"))
-        metrics.update(staleness_metrics([v for entries in taken for _, _, v in entries],
-                                         [n for entries in taken for _, n, _ in entries], self.version))
+        metrics.update(self.buffer.metrics())
         with timers("weight_sync"):                                                     # 3
             metrics.update(self.groups.generators.sync_weights_from(policy, version=self.version + 1))
         self.version += 1
@@ -191,7 +160,7 @@ class RLController:
         if self.data.ptx is None:
             return [None] * dp
         per_rank = self.cfg.rl.num_update_steps * self.cfg.train.accumulation_steps * self.cfg.data.ptx_batch_size
-        return [ray.put(self.data.ptx_rows(episode, per_rank, rank, dp)) for rank in range(dp)]
+        return [self.data.ptx_rows(episode, per_rank, rank, dp) for rank in range(dp)]
 
     # ------------------------------------------------------------ the run
     def run(self) -> None:
@@ -273,5 +242,4 @@ class RLController:
         return save_path
 
     def shutdown(self) -> None:
-        self._text_scorer.shutdown(wait=False)
-        self.buffer.shutdown()
+        self.reward_source.close()

@@ -21,25 +21,26 @@ from rlhf_ray.algorithms import (build_kl_controller, compute_advantages, comput
                                  masked_mean)
 from rlhf_ray.algorithms.kl import KLController
 from rlhf_ray.buffer.experience import Experience
+from rlhf_ray.config.base import settings_from
 
 
 @dataclass(frozen=True)
 class AdvantageSettings:
-    """What finalize_experience needs from the algorithm section (plain values, no config object)."""
+    """What finalize_experience needs from the algorithm section (plain values, no config object); the field names
+    are the section's."""
 
-    estimator: str = "gae"
+    advantage_estimator: str = "gae"
     gamma: float = 1.0
     lam: float = 0.95
-    norm_by_std: bool = True
+    norm_adv_by_std: bool = True
     kl_mode: str = "reward"          # "reward": penalty in the token rewards; "loss": the trainer adds a KL term
     kl_estimator: str = "k1"
     score_clip: float | None = None
 
     @classmethod
     def from_algorithm(cls, algo) -> "AdvantageSettings":
-        return cls(estimator=algo.advantage_estimator, gamma=algo.gamma, lam=algo.lam,
-                   norm_by_std=algo.norm_adv_by_std, kl_mode=algo.kl_mode,
-                   kl_estimator=algo.resolved_kl_estimator, score_clip=algo.score_clip)
+        """The algorithm section's fields of the same names, with the KL estimator resolved from kl_mode."""
+        return settings_from(cls, algo, kl_estimator=algo.resolved_kl_estimator)
 
 
 def kl_controller_from(algo) -> KLController:
@@ -138,9 +139,9 @@ def finalize_experience(experience: Experience, settings: AdvantageSettings,
         # KL as a loss: still report the rollout's KL to the reference (the trainer reports its loss term).
         metrics["reward/kl"] = masked_mean(kl, mask, dim=-1).mean().item()
         metrics["reward/kl_sum"] = (kl * mask).sum(dim=-1).mean().item()
-    advantages, returns = compute_advantages(settings.estimator, rewards, mask, values=experience.values,
+    advantages, returns = compute_advantages(settings.advantage_estimator, rewards, mask, values=experience.values,
                                              group_ids=experience.group_ids, gamma=settings.gamma,
-                                             lam=settings.lam, norm_by_std=settings.norm_by_std)
+                                             lam=settings.lam, norm_by_std=settings.norm_adv_by_std)
     kept = advantages[mask.bool()]
     lengths = mask.sum(dim=-1).float()
     metrics.update({

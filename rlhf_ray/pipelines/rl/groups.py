@@ -1,7 +1,8 @@
 """Starting the RL roles' actor groups on their planned bundles, and stopping them.
 
-Each worker is handed only its own sections (model, train, parallel) and, for the trainable roles, the loss
-settings. Frozen roles (reference, reward) join no process group: their ranks score independent slices.
+Each worker is handed only its own sections (model, train, and its role's layout from RolePlan.layouts) and, for
+the trainable roles, the loss settings. Frozen roles (reference, reward) join no process group: their ranks score
+independent slices.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf_ray.config.sections import ModelSection, ParallelSection
+from rlhf_ray.config.base import settings_from
+from rlhf_ray.config.sections import ModelSection
 from rlhf_ray.pipelines.rl.roles import RolePlan
 from rlhf_ray.workers.rl_objectives import RLLossSettings
 
@@ -47,17 +49,15 @@ def active_roles(cfg) -> list[str]:
 
 
 def loss_settings(cfg) -> RLLossSettings:
+    """The algorithm section's loss fields; the KL term's weight and estimator resolved from kl_mode, and the
+    sampling temperature the log-probs are recomputed at."""
     algo = cfg.algorithm
-    return RLLossSettings(policy_loss=algo.policy_loss, clip_ratio_low=algo.clip_ratio_low,
-                          clip_ratio_high=algo.clip_ratio_high, dual_clip=algo.dual_clip, value_clip=algo.value_clip,
-                          entropy_coef=algo.entropy_coef,
-                          kl_loss_coef=algo.kl_coef if algo.kl_mode == "loss" else 0.0,
-                          kl_estimator=algo.resolved_kl_estimator, ptx_coef=algo.ptx_coef,
-                          loss_agg_mode=algo.loss_agg_mode, temperature=cfg.generator.temperature)
+    return settings_from(RLLossSettings, algo, kl_loss_coef=algo.kl_coef if algo.kl_mode == "loss" else 0.0,
+                         kl_estimator=algo.resolved_kl_estimator, temperature=cfg.generator.temperature)
 
 
 def critic_model_path(cfg) -> str:
-    return cfg.critic.critic_pretrain or cfg.reward.rm_path or cfg.model.pretrain
+    return cfg.critic.pretrain or cfg.reward.rm_path or cfg.model.pretrain
 
 
 def _group(worker_cls, spec, placement, name: str, kwargs: dict):
@@ -82,38 +82,28 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
     pg = {role: placement_groups[plan.set_of(role)] for role in plan.specs}
     steps = cfg.rl.num_episodes * cfg.rl.num_update_steps
     common = {"forward_batch_size": cfg.rl.forward_batch_size}
-    train = cfg.train.as_train_section().model_dump()
+    train = cfg.train.model_dump()
     losses = loss_settings(cfg).to_dict()
+    parallel = {role: layout.model_dump() for role, layout in plan.layouts.items()}
     groups = RoleGroups(policy=None, generators=None, placement_groups=placement_groups)
     try:
         groups.policy = _group(RLWorker, plan.specs["policy"], pg["policy"], "policy",
-                               {"model": cfg.model.model_dump(), "train": train, "parallel": cfg.parallel.model_dump(),
+                               {"model": cfg.model.model_dump(), "train": train, "parallel": parallel["policy"],
                                 "loss": losses, **common})
         if "critic" in plan.specs:
-            critic_parallel = cfg.parallel.model_copy(update={
-                "cpus_per_worker": cfg.critic.critic_cpus_per_worker,
-                "gpus_per_worker": cfg.critic.critic_gpus_per_worker, "pool": cfg.critic.critic_pool})
             critic_model = cfg.model.model_copy(update={"pretrain": critic_model_path(cfg),
                                                         "tokenizer_dir": cfg.model.resolved_tokenizer_dir()})
             groups.critic = _group(RLWorker, plan.specs["critic"], pg["critic"], "critic",
-                                   {"model": critic_model.model_dump(),
-                                    "train": cfg.train.as_train_section(lr=cfg.critic.critic_lr).model_dump(),
-                                    "parallel": critic_parallel.model_dump(), "loss": losses,
-                                    "model_kind": "value", **common})
+                                   {"model": critic_model.model_dump(), "train": {**train, "lr": cfg.critic.lr},
+                                    "parallel": parallel["critic"], "loss": losses, "model_kind": "value", **common})
         if "reference" in plan.specs:
-            ref = cfg.reference
             groups.reference = _group(RLWorker, plan.specs["reference"], pg["reference"], "reference",
                                       {"model": cfg.model.model_dump(), "train": train,
-                                       "parallel": _frozen_parallel(ref.ref_num_workers, ref.ref_cpus_per_worker,
-                                                                    ref.ref_gpus_per_worker),
-                                       "frozen": True, **common})
+                                       "parallel": parallel["reference"], "frozen": True, **common})
         if "reward" in plan.specs:
-            rw = cfg.reward
-            rm_model = ModelSection(pretrain=rw.rm_path, use_flash_attn=cfg.model.use_flash_attn)
+            rm_model = ModelSection(pretrain=cfg.reward.rm_path, use_flash_attn=cfg.model.use_flash_attn)
             groups.reward = _group(RLWorker, plan.specs["reward"], pg["reward"], "reward",
-                                   {"model": rm_model.model_dump(), "train": train,
-                                    "parallel": _frozen_parallel(rw.reward_num_workers, rw.reward_cpus_per_worker,
-                                                                 rw.reward_gpus_per_worker),
+                                   {"model": rm_model.model_dump(), "train": train, "parallel": parallel["reward"],
                                     "model_kind": "value", "frozen": True, **common})
         spec = plan.specs["generator"]
         section = generator_section.model_copy(update={"cpus_per_engine": spec.cpus_per_worker})
@@ -122,7 +112,7 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
                                            placement=pg["generator"], bundle_indices=list(range(spec.num_workers)),
                                            gpus_per_engine=spec.gpus_per_worker)
         for group in groups.trainers():
-            _join_process_group(group)
+            group.join_process_group()
         builds = [groups.policy.call_all_async("build", steps)]
         builds += [groups.critic.call_all_async("build", steps)] if groups.critic is not None else []
         builds += [g.call_all_async("build", 1) for g in (groups.reference, groups.reward) if g is not None]
@@ -133,15 +123,3 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
         raise
     return groups
 
-
-def _join_process_group(group) -> None:
-    """What WorkerGroup(setup_distributed=True) does at construction: rank 0 publishes an address, all join."""
-    import ray
-
-    if group.world_size > 1:
-        address, port = ray.get(group.workers[0].rendezvous_address.remote())
-        group.call_all("setup_distributed", address, port, None)
-
-
-def _frozen_parallel(num_workers: int, cpus: float, gpus: float) -> dict:
-    return ParallelSection(num_workers=num_workers, cpus_per_worker=cpus, gpus_per_worker=gpus).model_dump()

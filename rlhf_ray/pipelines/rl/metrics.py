@@ -1,44 +1,27 @@
-"""Merging per-rank results into the logged metrics.
+"""Merging the trainer ranks' update results into the logged metrics.
 
-Trainer ranks return, per update step, metric sums weighted by their loss units (tokens or sequences) and the unit
-count; merging divides the sums over all data-parallel ranks by the total units (tensor-parallel ranks of one group
-saw the same rows, so only the first of each group counts). That makes every `loss/...` and `policy/...` value the
-unit-weighted mean over the whole global batch. Values are then averaged over the episode's update steps.
+Per update step, the ranks' metric sums and unit counts (tokens or sequences) are merged by merge_step_results (the
+supervised jobs' merge): sums over the data-parallel ranks divided by their total units, counting only the first
+rank of each tensor-parallel group. That makes every `loss/...` and `policy/...` value the unit-weighted mean over
+the whole global batch. Values are then averaged over the episode's update steps.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Sequence
+
+from rlhf_ray.workers.trainer import merge_step_results
 
 
 def merge_update_results(per_rank: Sequence[Sequence[dict]], tp: int, prefix: str) -> dict[str, float]:
     """per_rank[r][s]: rank r's result for update step s. Returns the metrics averaged over steps, plus
-    `<prefix>/grad_norm`, `<prefix>/lr` (rank 0, last step), `<prefix>/grad_norm_mean`, `perf/<prefix>_tokens_per_s`."""
-    counted = list(per_rank)[::tp]
-    steps = len(counted[0])
-    averaged: dict[str, float] = defaultdict(float)
-    grad_norms = []
-    for step in range(steps):
-        units = sum(rank[step]["units"] for rank in counted)
-        sums: dict[str, float] = defaultdict(float)
-        for rank in counted:
-            for key, value in rank[step]["sums"].items():
-                sums[key] += value
-        for key, value in sums.items():
-            averaged[key] += value / max(units, 1e-12) / steps
-        grad_norms.append(counted[0][step]["grad_norm"])
-    last = counted[0][-1]
-    tokens = sum(rank[step]["tokens"] for rank in counted for step in range(steps))
-    seconds = max(sum(rank[step]["time_s"] for step in range(steps)) for rank in per_rank)
-    return {**averaged, f"{prefix}/grad_norm": last["grad_norm"], f"{prefix}/lr": last["lr"],
-            f"{prefix}/grad_norm_mean": sum(grad_norms) / len(grad_norms),
-            f"perf/{prefix}_tokens_per_s": tokens / max(seconds, 1e-9)}
-
-
-def staleness_metrics(chunk_versions: Sequence[int], chunk_sizes: Sequence[int], trained_version: int) -> dict:
-    """How many policy versions behind the trained policy the experience was generated (sample-weighted)."""
-    held = sum(chunk_sizes)
-    ages = [trained_version - version for version in chunk_versions]
-    return {"rollout/staleness_mean": sum(a * n for a, n in zip(ages, chunk_sizes)) / max(held, 1),
-            "rollout/staleness_max": float(max(ages, default=0))}
+    `<prefix>/grad_norm`, `<prefix>/lr` (rank 0, last step), `<prefix>/grad_norm_mean`, `perf/<prefix>_tokens_per_s`
+    (tokens of every step over the slowest rank's total time)."""
+    per_rank = list(per_rank)
+    steps = [merge_step_results([rank[step] for rank in per_rank], tp) for step in range(len(per_rank[0]))]
+    keys = {key for rank in per_rank for result in rank for key in result["sums"]}
+    averaged = {key: sum(step.get(key, 0.0) for step in steps) / len(steps) for key in keys}
+    seconds = max(sum(result["time_s"] for result in rank) for rank in per_rank)
+    return {**averaged, f"{prefix}/grad_norm": steps[-1]["grad_norm"], f"{prefix}/lr": steps[-1]["lr"],
+            f"{prefix}/grad_norm_mean": sum(step["grad_norm"] for step in steps) / len(steps),
+            f"perf/{prefix}_tokens_per_s": sum(step["tokens"] for step in steps) / max(seconds, 1e-9)}

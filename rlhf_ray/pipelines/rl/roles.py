@@ -1,10 +1,13 @@
 """Roles -> resources -> Ray actor groups, with colocation.
 
     policy      RLWorker group (trainable causal LM), the parallel section's layout
-    critic      RLWorker group (trainable value model), the policy's layout, its own resources      PPO with GAE
+    critic      RLWorker group (trainable value model), the policy's ranks, its own resources       PPO with GAE
     reference   RLWorker group (frozen causal LM = the initial policy)                             kl_coef > 0
     reward      RLWorker group (frozen value model = the reward model)                             reward_source model
     generator   GeneratorGroup (vLLM engines)
+
+`role_layouts` is the one place where a role's config sections become the ParallelSection its workers are handed,
+and `spec_from_parallel` (placement/plan.py) the one place where that becomes its GroupSpec.
 
 Colocation puts roles on the same placement-group bundles. A colocated set gets max(num_workers) bundles, each
 as large as the largest per-worker request of its members, and every member's actors ask for 1/k of a bundle
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_ray.config.base import ConfigError
+from rlhf_ray.config.sections import ParallelSection, ResourcesSection, WorkerResources
+from rlhf_ray.placement import spec_from_parallel
 from rlhf_ray.placement.groups import GroupSpec
 
 ROLE_ORDER = ("policy", "critic", "reference", "reward", "generator")
@@ -28,8 +33,10 @@ ROLE_ORDER = ("policy", "critic", "reference", "reward", "generator")
 
 @dataclass
 class RolePlan:
-    """Per role its GroupSpec (actor request), and the placement sets: name -> (bundle spec, member roles)."""
+    """Per role its layout (role_layouts) and GroupSpec (actor request, after colocation), and the placement sets:
+    name -> (bundle spec, member roles)."""
 
+    layouts: dict[str, ParallelSection] = field(default_factory=dict)
     specs: dict[str, GroupSpec] = field(default_factory=dict)
     sets: dict[str, tuple[GroupSpec, list[str]]] = field(default_factory=dict)
 
@@ -48,29 +55,26 @@ class RolePlan:
         return "\n".join(lines)
 
 
-def role_specs(cfg, roles: list[str]) -> dict[str, GroupSpec]:
-    """Each active role's own request, before colocation."""
-    parallel = cfg.parallel
-    specs = {"policy": GroupSpec(num_workers=parallel.num_workers, cpus_per_worker=parallel.cpus_per_worker,
-                                 gpus_per_worker=parallel.gpus_per_worker, pool=parallel.pool, tp_size=parallel.tp)}
+def role_layouts(cfg, roles: list[str]) -> dict[str, ParallelSection]:
+    """Each active worker role's layout and resources, as the ParallelSection its workers are handed: the policy's
+    own; the critic's ranks are the policy's, on its own per-worker resources; the reference and reward-model groups
+    are their ResourcesSection (no tensor parallelism)."""
+    layouts = {"policy": cfg.parallel}
     if "critic" in roles:
-        critic = cfg.critic
-        specs["critic"] = GroupSpec(num_workers=parallel.num_workers, cpus_per_worker=critic.critic_cpus_per_worker,
-                                    gpus_per_worker=critic.critic_gpus_per_worker, pool=critic.critic_pool,
-                                    tp_size=parallel.tp)
-    if "reference" in roles:
-        ref = cfg.reference
-        specs["reference"] = GroupSpec(num_workers=ref.ref_num_workers, cpus_per_worker=ref.ref_cpus_per_worker,
-                                       gpus_per_worker=ref.ref_gpus_per_worker, pool=ref.ref_pool)
-    if "reward" in roles:
-        rw = cfg.reward
-        specs["reward"] = GroupSpec(num_workers=rw.reward_num_workers, cpus_per_worker=rw.reward_cpus_per_worker,
-                                    gpus_per_worker=rw.reward_gpus_per_worker, pool=rw.reward_pool)
+        per_worker = cfg.critic.model_dump(include=set(WorkerResources.model_fields))
+        layouts["critic"] = cfg.parallel.model_copy(update=per_worker)
+    for role in ("reference", "reward"):
+        if role in roles:
+            layouts[role] = ParallelSection(**getattr(cfg, role).model_dump(include=set(ResourcesSection.model_fields)))
+    return layouts
+
+
+def generator_spec(cfg) -> GroupSpec:
+    """The generator engines' request: one worker per engine, tensor_parallel_size GPUs each on a GPU cluster."""
     gen = cfg.generator
-    specs["generator"] = GroupSpec(num_workers=gen.num_engines, cpus_per_worker=gen.cpus_per_engine,
-                                   gpus_per_worker=float(gen.tensor_parallel_size) if _cluster_has_gpus() else 0.0,
-                                   pool=cfg.placement.generator_pool)
-    return specs
+    return GroupSpec(num_workers=gen.num_engines, cpus_per_worker=gen.cpus_per_engine,
+                     gpus_per_worker=float(gen.tensor_parallel_size) if _cluster_has_gpus() else 0.0,
+                     pool=cfg.placement.generator_pool)
 
 
 def _cluster_has_gpus() -> bool:
@@ -94,8 +98,9 @@ def colocation_sets(placement, roles: list[str]) -> list[list[str]]:
 
 def plan_roles(cfg, roles: list[str]) -> RolePlan:
     """Actor requests and bundles for the active `roles`; refuses members of one set pinned to different pools."""
-    own = role_specs(cfg, roles)
-    plan = RolePlan()
+    plan = RolePlan(layouts=role_layouts(cfg, roles))
+    own = {role: spec_from_parallel(layout) for role, layout in plan.layouts.items()}
+    own["generator"] = generator_spec(cfg)
     for members in colocation_sets(cfg.placement, roles):
         pools = {own[r].pool for r in members if own[r].pool}
         if len(pools) > 1:

@@ -48,6 +48,20 @@ def _load_tokenizer(cfg):
     return tokenizer
 
 
+def _check_engines(cfg) -> None:
+    """--plugin against each trainable role's resources, before Ray starts (frozen roles build no engine)."""
+    from rlhf_ray.engines.registry import validate_engine_config
+
+    train = cfg.train
+    validate_engine_config(cfg.parallel, train)
+    if hasattr(cfg, "critic") and cfg.algorithm.needs_critic:
+        critic = cfg.parallel.model_copy(update={"gpus_per_worker": cfg.critic.gpus_per_worker})
+        try:
+            validate_engine_config(critic, train)
+        except ConfigError as exc:
+            raise ConfigError(f"the critic: {exc}".replace("--gpus_per_worker", "--critic_gpus_per_worker")) from None
+
+
 def run_rl(cfg, job: str) -> int:
     from rlhf_ray.pipelines.rl.data import load_rl_data, template_ids
     from rlhf_ray.pipelines.rl.groups import active_roles
@@ -56,6 +70,7 @@ def run_rl(cfg, job: str) -> int:
 
     prog = f"rlhf-ray {job}"
     try:
+        _check_engines(cfg)
         notes = check_rl_config(cfg, job)
         plan_roles(cfg, active_roles(cfg))         # colocation conflicts fail here; planned again once Ray is up
         if cfg.reward.resolved_source() == "rule":

@@ -115,13 +115,5 @@ class GenerationBackend(ABC):
         """Processes that receive weights (tensor-parallel ranks)."""
         return 1
 
-    # ------------------------------------------------------------ memory
-    def sleep(self, level: int = 1) -> bool:
-        """Free accelerator memory between rollouts where the backend supports it; False when a no-op."""
-        return False
-
-    def wake_up(self) -> bool:
-        return False
-
     def shutdown(self) -> None:
         pass

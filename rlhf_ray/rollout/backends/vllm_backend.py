@@ -108,7 +108,6 @@ class VLLMBackend(GenerationBackend):
             kwargs["kv_cache_memory_bytes"] = int(section.kv_cache_gib * (1 << 30))
         else:
             kwargs["gpu_memory_utilization"] = section.gpu_memory_utilization
-            kwargs["enable_sleep_mode"] = section.enable_sleep
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = section.resolved_max_model_len()
@@ -160,19 +159,6 @@ class VLLMBackend(GenerationBackend):
     @property
     def ranks_per_engine(self) -> int:
         return self.section.tensor_parallel_size
-
-    # ------------------------------------------------------------ memory
-    def sleep(self, level: int = 1) -> bool:
-        if self.cpu or not self.section.enable_sleep:
-            return False                       # CPU: vLLM refuses sleep mode; its sleep() would be a no-op
-        self.llm.sleep(level=level)
-        return True
-
-    def wake_up(self) -> bool:
-        if self.cpu or not self.section.enable_sleep:
-            return False
-        self.llm.wake_up()
-        return True
 
     def shutdown(self) -> None:
         self.llm = None

@@ -1,7 +1,8 @@
-"""Run every benchmark in turn (`rlhf-ray bench [--quick] [--only NAME ...]`); each prints its own ratios.
+"""Run every benchmark in turn (`rlhf-ray bench [--quick] [--only NAME ...] [--out DIR]`); each prints its own
+ratios.
 
 Each benchmark is its own module with `main(argv)`, measures its baseline in the same run, and writes JSON (and
-plots where it makes them) under benchmarks/results/.
+plots where it makes them) under --out (default: benchmarks/results under the current directory).
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import importlib
 import sys
 import time
 
+from rlhf_ray.benchmarks import add_out_flag
+
 BENCHMARKS = {
-    "prepare": "benchmarks.bench_prepare",
-    "logprobs": "benchmarks.bench_logprobs",
-    "engines": "benchmarks.bench_engines",
-    "trainer": "benchmarks.bench_trainer",
-    "rollout": "benchmarks.bench_rollout",
-    "weight_sync": "benchmarks.bench_weight_sync",
-    "rl_step": "benchmarks.bench_rl_step",
+    "prepare": "rlhf_ray.benchmarks.bench_prepare",
+    "logprobs": "rlhf_ray.benchmarks.bench_logprobs",
+    "engines": "rlhf_ray.benchmarks.bench_engines",
+    "trainer": "rlhf_ray.benchmarks.bench_trainer",
+    "rollout": "rlhf_ray.benchmarks.bench_rollout",
+    "weight_sync": "rlhf_ray.benchmarks.bench_weight_sync",
+    "rl_step": "rlhf_ray.benchmarks.bench_rl_step",
 }
 
 
@@ -26,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-ray bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the small configuration of each benchmark")
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these")
+    add_out_flag(parser)
     args = parser.parse_args(argv)
     failed = []
     for name in args.only or BENCHMARKS:
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"== {name} ({module_name})", flush=True)
         start = time.perf_counter()
-        status = module.main(["--quick"] if args.quick else [])
+        status = module.main(["--out", args.out] + (["--quick"] if args.quick else []))
         print(f"== {name}: exit {status or 0} in {time.perf_counter() - start:.0f}s", flush=True)
         if status:
             failed.append(name)

@@ -1,7 +1,7 @@
 """Rollout throughput: our generator group through Ray against the raw vLLM engine and transformers generate.
 
-    python benchmarks/bench_rollout.py --quick     # 1 engine, 16 prompts, n 1|4, 64 tokens   (a few minutes)
-    python benchmarks/bench_rollout.py             # engines 1|2 x prompts 8|32 x n 1|4 x tokens 32|128
+    python -m rlhf_ray.benchmarks.bench_rollout --quick     # 1 engine, 16 prompts, n 1|4, 64 tokens   (a few minutes)
+    python -m rlhf_ray.benchmarks.bench_rollout             # engines 1|2 x prompts 8|32 x n 1|4 x tokens 32|128
 
 Three ways to produce the same completions (the 'bench' tiny Llama, ~13M parameters, float32, so that decoding
 dominates; prompts are chat-formatted arithmetic questions):
@@ -18,7 +18,7 @@ The three run interleaved inside each configuration, in rotated order, best of -
 configurations, until each mode ran --min_seconds), so that the machine's background load hits them alike. Ratios (b)/(a) and (b)/(c) are of generated tokens per second.
 (a) is always one engine: with 2 engines, (b)/(a) is the scaling of the group over one raw engine.
 
-Writes benchmarks/results/bench_rollout.json and bench_rollout.png (--quick: bench_rollout_quick.*).
+Writes <--out>/bench_rollout.json and bench_rollout.png (--quick: bench_rollout_quick.*).
 """
 
 from __future__ import annotations
@@ -32,9 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-sys.path.insert(0, str(REPO))
+from rlhf_ray.benchmarks import add_out_flag, results_dir
 
 
 def build_prompts(count: int) -> list[list[int]]:
@@ -149,13 +147,10 @@ def ray_round_trip_ms(group) -> float:
     """Median latency of an empty actor call: the fixed cost (b) pays per chunk on top of generation."""
     import statistics
 
-    import ray
-
-    worker = group.workers.workers[0]
     samples = []
     for _ in range(20):
         start = time.perf_counter()
-        ray.get(worker.ping.remote())
+        group.workers.call_rank(0, "ping")
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
 
@@ -189,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray_worker_niceness", type=int, default=0,
                         help="niceness of the Ray worker processes (Ray's own default is 15, which on a shared, "
                              "loaded machine costs the generators CPU share against the nice-0 baselines)")
+    add_out_flag(parser)
     args = parser.parse_args(argv)
+    results = results_dir(args.out)
     os.environ["RAY_worker_niceness"] = str(args.ray_worker_niceness)     # read by the raylet ray.init starts
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -207,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_ray.rollout.config import GeneratorSection
     from rlhf_ray.workers.generator_group import GeneratorGroup
 
-    model_dir = str(build_tiny_model(RESULTS / "models" / f"tiny-{args.flavour}", flavour=args.flavour, seed=0))
+    model_dir = str(build_tiny_model(results / "models" / f"tiny-{args.flavour}", flavour=args.flavour, seed=0))
     max_len = max(lengths)
     base = dict(cpus_per_engine=1, cpu_threads=args.threads, max_prompt_len=64, max_new_tokens=max_len,
                 kv_cache_gib=1, ignore_eos=True, max_restarts=0)
@@ -224,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{min(map(len, prompts_all))}-{max(map(len, prompts_all))} tokens; threads/engine {args.threads}; "
           f"best of {repeats}; Ray worker niceness {args.ray_worker_niceness}; 2-core CPU, loaded machine")
     ray.init(address="local", num_cpus=max(engines_list) + 1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
-                                       "PYTHONPATH": str(REPO)}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}})
     rows = []
     try:
         for engines in engines_list:
@@ -272,7 +268,6 @@ def main(argv: list[str] | None = None) -> int:
         for baseline in baselines.values():
             baseline.close()
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
     one_engine = [r for r in rows if r["engines"] == 1]
     summary = {"group_over_raw_min_1_engine": min(r["group_over_raw"] for r in one_engine),
                "group_over_raw_mean_1_engine": sum(r["group_over_raw"] for r in one_engine) / len(one_engine)}
@@ -285,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
               "ray_worker_niceness": args.ray_worker_niceness, "min_seconds": args.min_seconds, "machine": platform.platform(),
               "cpus": os.cpu_count(), "rows": rows, "summary": summary}
     stem = "bench_rollout_quick" if args.quick else "bench_rollout"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    plot(rows, RESULTS / f"{stem}.png", bool(hf))
+    (results / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    plot(rows, results / f"{stem}.png", bool(hf))
     print(json.dumps(summary, indent=2))
-    print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.png')}")
+    print(f"wrote {results / (stem + '.json')} and {results / (stem + '.png')}")
     return 0
 
 

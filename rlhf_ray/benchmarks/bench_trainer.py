@@ -1,7 +1,7 @@
 """Trainer-actor throughput: `rlhf-ray sft`'s TrainerWorker against a bare single-process torch loop, same run.
 
-    python benchmarks/bench_trainer.py --quick     # 'small' tiny Llama (~3M params), 3 rounds × 3 steps
-    python benchmarks/bench_trainer.py             # 'bench' tiny Llama (~13M params), 4 rounds × 5 steps
+    python -m rlhf_ray.benchmarks.bench_trainer --quick     # 'small' tiny Llama (~3M params), 3 rounds × 3 steps
+    python -m rlhf_ray.benchmarks.bench_trainer             # 'bench' tiny Llama (~13M params), 4 rounds × 5 steps
 
 Both sides train the same model on the same SFT batch (batch × seq tokens, every token a label) with AdamW, grad
 clipping and the warmup-cosine schedule, on the same number of threads:
@@ -12,7 +12,7 @@ clipping and the warmup-cosine schedule, on the same number of threads:
 
 Measured in alternating rounds (bare, actor, bare, actor, ...) so that load from other processes on a shared
 machine hits both; the ratio uses the median step time of each. Goal: actor / bare tokens/s >= 0.95.
-Writes benchmarks/results/bench_trainer.json.
+Writes <--out>/bench_trainer.json.
 """
 
 from __future__ import annotations
@@ -27,9 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-sys.path.insert(0, str(REPO))
+from rlhf_ray.benchmarks import add_out_flag, results_dir
 
 
 def make_rows(batch: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -101,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per round and side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides (= actor CPUs)")
-    parser.add_argument("--out", default=str(RESULTS / "bench_trainer.json"))
+    add_out_flag(parser)
     args = parser.parse_args(argv)
     flavour = args.flavour or ("small" if args.quick else "bench")
     seq_len = args.seq_len or (128 if args.quick else 256)
@@ -159,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bare loop   {result['bare_tokens_per_s']:,.0f} tokens/s  ({bare_s * 1e3:.0f} ms/step)")
     print(f"actor       {result['actor_tokens_per_s']:,.0f} tokens/s  ({actor_s * 1e3:.0f} ms/step)")
     print(f"ratio actor / bare = {result['ratio_actor_over_bare']:.3f} (goal >= 0.95)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_dir(args.out) / "bench_trainer.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"-> {out}")
     return 0

@@ -1,7 +1,7 @@
 """Weight-sync bandwidth: trainer -> vLLM generator engines, against the raw channel measured in the same run.
 
-    python benchmarks/bench_weight_sync.py --quick    # 'bench' tiny Llama (~13M params, 52 MB fp32), 1 engine
-    python benchmarks/bench_weight_sync.py            # + a ~110M-param Llama (440 MB), 1 and 2 engines
+    python -m rlhf_ray.benchmarks.bench_weight_sync --quick    # 'bench' tiny Llama (~13M params, 52 MB fp32), 1 engine
+    python -m rlhf_ray.benchmarks.bench_weight_sync            # + a ~110M-param Llama (440 MB), 1 and 2 engines
 
 For each channel (object_store, gloo) and engine count:
   sync   GeneratorGroup.sync_weights_from(trainer): a StandInTrainerWorker streams its state dict in buckets, the
@@ -9,7 +9,7 @@ For each channel (object_store, gloo) and engine count:
   raw    the same number of bytes in the same bucket sizes between two plain actors over the same channel, with
          the receiver copying each bucket into a preallocated buffer (the least a receiver can do), no packing
          and no model loading.
-Reported: bytes/s of each (best of --repeats) and sync/raw. Writes benchmarks/results/bench_weight_sync.json
+Reported: bytes/s of each (best of --repeats) and sync/raw. Writes <--out>/bench_weight_sync.json
 (--quick: bench_weight_sync_quick.json).
 """
 
@@ -23,9 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-sys.path.insert(0, str(REPO))
+from rlhf_ray.benchmarks import add_out_flag, results_dir
 
 
 class RawReceiver:
@@ -146,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="bench model, one engine")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bucket_mb", type=float, default=64.0)
+    add_out_flag(parser)
     args = parser.parse_args(argv)
+    results = results_dir(args.out)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -161,12 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     channels = ["object_store", "gloo"]
     bucket = int(args.bucket_mb * (1 << 20))
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     rows = []
     print(f"bucket {args.bucket_mb:g} MiB, best of {args.repeats}; 2-core CPU, loaded machine")
     try:
         for size in sizes:
-            model_dir = str(write_model(RESULTS / "models" / f"sync-{size}", size))
+            model_dir = str(write_model(results / "models" / f"sync-{size}", size))
             trainer = WorkerGroup(StandInTrainerWorker, GroupSpec(num_workers=1, cpus_per_worker=0.5),
                                   name=f"sync-trainer-{size}", worker_kwargs={"model_path": model_dir,
                                                                               "reinit_seed": 1})
@@ -202,10 +202,9 @@ def main(argv: list[str] | None = None) -> int:
             trainer.shutdown()
     finally:
         ray.shutdown()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "weight_sync", "quick": args.quick, "bucket_mb": args.bucket_mb, "repeats": args.repeats,
               "machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows}
-    path = RESULTS / ("bench_weight_sync_quick.json" if args.quick else "bench_weight_sync.json")
+    path = results / ("bench_weight_sync_quick.json" if args.quick else "bench_weight_sync.json")
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
     return 0

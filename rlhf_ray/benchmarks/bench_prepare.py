@@ -1,7 +1,7 @@
 """Data preparation throughput: `rlhf-ray prepare` against plain `datasets.map` doing the same tokenization.
 
-    python benchmarks/bench_prepare.py            # hh-rlhf preference + GSM8K sft with the real Qwen3 tokenizer
-    python benchmarks/bench_prepare.py --quick    # 600 GSM8K rows (or synthetic rows with the tiny tokenizer)
+    python -m rlhf_ray.benchmarks.bench_prepare            # hh-rlhf preference + GSM8K sft with the real Qwen3 tokenizer
+    python -m rlhf_ray.benchmarks.bench_prepare --quick    # 600 GSM8K rows (or synthetic rows with the tiny tokenizer)
 
 Both sides start from the same converted records and a loaded tokenizer, and write arrow (no JSONL previews), so
 the difference is the tokenization path (worker start-up included when num_proc > 1): prepare renders with the
@@ -9,7 +9,7 @@ conversation template, batch-encodes whole shards through the Rust tokenizer (in
 masks with numpy; the baseline maps one row at a time through the HF tokenizer call (datasets.map, also with
 num_proc). Outputs are compared row for row. Uses the real Qwen3 tokenizer
 and hh-rlhf / GSM8K from ../shared when present, else the bundled tiny tokenizer and synthetic arithmetic data.
-Prints rows/s and the ratio to `datasets.map (num_proc=1)`; writes benchmarks/results/bench_prepare.json.
+Prints rows/s and the ratio to `datasets.map (num_proc=1)`; writes <--out>/bench_prepare.json.
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-SHARED = Path(os.environ.get("RLHF_RAY_SHARED", REPO.parent / "shared"))
+SHARED = Path(os.environ.get("RLHF_RAY_SHARED", "../shared"))     # beside a checkout, run from its root
 
+from rlhf_ray.benchmarks import add_out_flag, results_dir  # noqa: E402
 from rlhf_ray.data.encoder import TokenEncoder  # noqa: E402
 from rlhf_ray.data.formats import convert_row, iter_rows  # noqa: E402
 from rlhf_ray.data.shards import ShardSettings, run_shards, split_chunks  # noqa: E402
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="600 rows, one workload")
     parser.add_argument("--num_proc", type=int, nargs="+", default=[1, 2], help="worker counts to try")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_prepare.json"))
+    add_out_flag(parser)
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -140,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             results["workloads"][name] = entry
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_dir(args.out) / "bench_prepare.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {out}")
     return 0

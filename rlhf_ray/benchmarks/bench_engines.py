@@ -1,14 +1,14 @@
 """Training-engine throughput: every CPU backend on 2 Ray ranks against DDP measured in the same run.
 
-    python benchmarks/bench_engines.py --quick     # 'small' tiny Llama (~3M params), 4 timed steps
-    python benchmarks/bench_engines.py             # 'bench' tiny Llama (~13M params), 8 timed steps, + bf16
+    python -m rlhf_ray.benchmarks.bench_engines --quick     # 'small' tiny Llama (~3M params), 4 timed steps
+    python -m rlhf_ray.benchmarks.bench_engines             # 'bench' tiny Llama (~13M params), 8 timed steps, + bf16
 
 For each layout: a 2-rank WorkerGroup (gloo) builds the engine, runs warm-up steps, then times optimizer steps
 (forward_backward × accumulation + optimizer_step) on a fixed global batch split over the data-parallel ranks.
 Also timed once per layout: gathering the full weights (iter_weights, the weight-sync source) and a resumable
 checkpoint save. Reported: tokens/s of the whole group, step time, and each number as a ratio to DDP's.
 A single-process run (1 rank, no process group) is measured too, for the cost of going distributed at all.
-Writes benchmarks/results/bench_engines.json. Absolute numbers on a shared 2-core CPU are noisy; ratios less so.
+Writes <--out>/bench_engines.json. Absolute numbers on a shared 2-core CPU are noisy; ratios less so.
 """
 
 from __future__ import annotations
@@ -22,11 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-sys.path.insert(0, str(REPO))
-
-from rlhf_ray.workers.base import RankedWorker  # noqa: E402
+from rlhf_ray.benchmarks import add_out_flag, results_dir
+from rlhf_ray.workers.base import RankedWorker
 
 
 class EngineBenchWorker(RankedWorker):
@@ -92,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small model, fewer steps, fp32 only")
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--global_batch", type=int, default=8)
+    add_out_flag(parser)
     args = parser.parse_args(argv)
+    results = results_dir(args.out)
 
     import ray
 
@@ -104,10 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     precisions = ["fp32"] if args.quick else ["fp32", "bf16"]
     layouts = [("ddp", 1), ("fsdp", 1), ("fsdp_cpu", 1), ("tp", 2), ("fsdp", 2)]
     accumulation = 2
-    model_dir = str(build_tiny_model(RESULTS / "models" / f"tiny-{flavour}", flavour=flavour))
+    model_dir = str(build_tiny_model(results / "models" / f"tiny-{flavour}", flavour=flavour))
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-                                       "TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
     tokens_per_step = args.global_batch * args.seq_len * accumulation
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
@@ -140,11 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             group.shutdown()
             ray.shutdown()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "engines", "quick": args.quick, "flavour": flavour, "steps": steps,
               "tokens_per_step": tokens_per_step, "machine": platform.platform(), "cpus": os.cpu_count(),
               "rows": rows}
-    out = RESULTS / "bench_engines.json"
+    out = results / "bench_engines.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
     return 0

@@ -1,12 +1,12 @@
 """Token log-probs: blockwise `compute_token_logprobs` against `log_softmax(logits.float()).gather(...)`.
 
-    python benchmarks/bench_logprobs.py           # batch 2 x 1024 tokens x 151,669 vocab (Qwen3-sized), bf16 + fp32
-    python benchmarks/bench_logprobs.py --quick   # batch 2 x 256 tokens x 32,000 vocab
+    python -m rlhf_ray.benchmarks.bench_logprobs           # batch 2 x 1024 tokens x 151,669 vocab (Qwen3-sized), bf16 + fp32
+    python -m rlhf_ray.benchmarks.bench_logprobs --quick   # batch 2 x 256 tokens x 32,000 vocab
 
 Each case runs forward + backward in a fresh process and reports: the memory autograd keeps from forward to
 backward beyond the logits (exact, from saved-tensor hooks), the peak memory above the logits (CPU: peak RSS, which
 includes allocator and first-call overheads, so small shapes are noisy; CUDA: max allocated) and the time, with
-ratios to the log_softmax baseline of the same case. Writes benchmarks/results/bench_logprobs.json.
+ratios to the log_softmax baseline of the same case. Writes <--out>/bench_logprobs.json.
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from rlhf_ray.benchmarks import add_out_flag, results_dir
 
 
 def run_case(method: str, dtype: str, batch: int, length: int, vocab: int, device: str) -> dict:
@@ -73,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes (seconds)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    add_out_flag(parser)
     args = parser.parse_args(argv)
     if args.child:
         method, dtype, batch, length, vocab, device = args.child
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in ("bf16", "fp32"):
         rows = {}
         for method in ("log_softmax", "blockwise"):
-            out = subprocess.run([sys.executable, __file__, "--child", method, dtype, str(batch), str(length),
+            out = subprocess.run([sys.executable, "-m", __spec__.name, "--child", method, dtype, str(batch), str(length),
                                   str(vocab), args.device], capture_output=True, text=True, env=env, check=True)
             rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
         baseline = rows["log_softmax"]
@@ -98,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {dtype:5s} {method:12s} logits {row['logits_mib']:7.0f} MiB  kept for backward "
                   f"{row['saved_for_backward_mib']:7.1f} MiB  extra peak {row['extra_peak_mib']:7.0f} MiB "
                   f"({row['memory_ratio']:.2f}x)  {row['seconds']:6.2f} s ({row['time_ratio']:.2f}x)")
-    out_dir = REPO / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "bench_logprobs.json"
+    path = results_dir(args.out) / "bench_logprobs.json"
     path.write_text(json.dumps({"shape": [batch, length, vocab], "device": args.device, "quick": args.quick,
                                 "machine": platform.platform(), "cpus": os.cpu_count(), "results": results},
                                indent=2))

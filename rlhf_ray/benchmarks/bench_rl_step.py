@@ -1,14 +1,14 @@
 """One RL step's time breakdown (generate / score / advantage / update / weight sync) and async mode's speed-up
 over sync mode, measured in the same run on the same Ray cluster.
 
-    python benchmarks/bench_rl_step.py            # 'small' tiny Llama (~3M), 8 prompts × 4 samples × 64 tokens
-    python benchmarks/bench_rl_step.py --quick    # 'debug' tiny Llama (~0.4M), 8 prompts × 4 samples × 16 tokens
+    python -m rlhf_ray.benchmarks.bench_rl_step            # 'small' tiny Llama (~3M), 8 prompts × 4 samples × 64 tokens
+    python -m rlhf_ray.benchmarks.bench_rl_step --quick    # 'debug' tiny Llama (~0.4M), 8 prompts × 4 samples × 16 tokens
 
 Both modes run the same GRPO job (`run_rl`, the code behind `rlhf-ray grpo`: policy, reference, one vLLM engine,
 the bundled number-only rule reward) from the same initial weights. Per-phase times are means over the episodes
 after the first (which pays for warm-up); the speed-up is sync's mean episode time over async's. In async mode the
 phases overlap, so its per-phase times add up to more than its episode time. Writes
-benchmarks/results/bench_rl_step.json.
+<--out>/bench_rl_step.json.
 """
 
 from __future__ import annotations
@@ -17,17 +17,16 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from rlhf_ray.benchmarks import add_out_flag, results_dir
 
 PHASES = ("generate", "score", "advantage", "buffer_put", "update", "weight_sync")
-REWARD_FN = f"{REPO / 'rlhf_ray/assets/rewards/number_only.py'}:number_only"
-TEMPLATE = str(REPO / "rlhf_ray/assets/templates/tiny.json")
+ASSETS = Path(__file__).resolve().parent.parent / "assets"        # shipped inside the package
+REWARD_FN = f"{ASSETS / 'rewards' / 'number_only.py'}:number_only"
+TEMPLATE = str(ASSETS / "templates" / "tiny.json")
 
 
 def prepare_prompts(model_dir: Path, out: Path) -> Path:
@@ -74,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="debug model, 16 new tokens, 6 episodes")
     parser.add_argument("--episodes", type=int, default=None, help="episodes per mode (default 8, quick 6)")
+    add_out_flag(parser)
     args = parser.parse_args(argv)
     for key, value in {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                        "RLHF_RAY_NO_PROGRESS": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
@@ -105,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {phase:12s} {sync_s:9.3f} {sync_s / results['sync']['episode_s']:7.1%} {async_s:9.3f}")
     print(f"  {'episode':12s} {results['sync']['episode_s']:9.3f} {'':7s} {results['async']['episode_s']:9.3f}")
     print(f"  async speed-up over sync: {speedup:.2f}x (staleness max {results['async']['staleness_max']:.0f})")
-    out_dir = REPO / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "bench_rl_step.json"
+    path = results_dir(args.out) / "bench_rl_step.json"
     path.write_text(json.dumps({"quick": args.quick, "flavour": flavour, "machine": platform.platform(),
                                 "cpus": os.cpu_count(), "episodes": episodes, "results": results,
                                 "async_speedup": speedup}, indent=2))

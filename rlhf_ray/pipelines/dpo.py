@@ -16,9 +16,9 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from rlhf_ray.algorithms.preference import NEEDS_REFERENCE
-from rlhf_ray.config.base import JobConfig, Section, run_cli
-from rlhf_ray.config.sections import CheckpointSection, LoggingSection, ModelSection, ParallelSection, TrainSection
-from rlhf_ray.pipelines.supervised import SupervisedDataSection, SupervisedJob, run_supervised
+from rlhf_ray.config.base import Section, run_cli
+from rlhf_ray.config.sections import CheckpointSection
+from rlhf_ray.pipelines.supervised import SupervisedConfig, SupervisedJob, run_supervised
 
 # The seed's (ColossalChat train_dpo.py) loss names, accepted as written there.
 SEED_LOSS_NAMES = {"dpo_loss": "dpo", "simPO": "simpo", "simpo_loss": "simpo", "ipo_loss": "ipo"}
@@ -65,14 +65,9 @@ class DPOSection(Section):
         return NEEDS_REFERENCE[self.loss_type] and not self.disable_reference_model
 
 
-class DPOConfig(JobConfig):
-    model: ModelSection = ModelSection()
-    data: SupervisedDataSection
+class DPOConfig(SupervisedConfig):
     dpo: DPOSection = DPOSection()
-    train: TrainSection = TrainSection()
-    parallel: ParallelSection = ParallelSection()
     checkpoint: CheckpointSection = CheckpointSection(save_path="output/dpo")
-    logging: LoggingSection = LoggingSection()
 
 
 def build_job(cfg: DPOConfig) -> SupervisedJob:

@@ -16,9 +16,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from rlhf_ray.config.base import JobConfig, Section, run_cli
-from rlhf_ray.config.sections import CheckpointSection, LoggingSection, ModelSection, ParallelSection, TrainSection
-from rlhf_ray.pipelines.supervised import SupervisedDataSection, SupervisedJob, run_supervised
+from rlhf_ray.config.base import Section, run_cli
+from rlhf_ray.config.sections import CheckpointSection
+from rlhf_ray.pipelines.supervised import SupervisedConfig, SupervisedJob, run_supervised
 
 
 class RewardSection(Section):
@@ -29,14 +29,9 @@ class RewardSection(Section):
                                "r_chosen)) (the seed's two names; equal in exact arithmetic)")
 
 
-class RMConfig(JobConfig):
-    model: ModelSection = ModelSection()
-    data: SupervisedDataSection
+class RMConfig(SupervisedConfig):
     rm: RewardSection = RewardSection()
-    train: TrainSection = TrainSection()
-    parallel: ParallelSection = ParallelSection()
     checkpoint: CheckpointSection = CheckpointSection(save_path="output/rm")
-    logging: LoggingSection = LoggingSection()
 
 
 def build_job(cfg: RMConfig) -> SupervisedJob:

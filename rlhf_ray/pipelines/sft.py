@@ -12,18 +12,13 @@ every flag and metric.
 
 from __future__ import annotations
 
-from rlhf_ray.config.base import JobConfig, run_cli
-from rlhf_ray.config.sections import CheckpointSection, LoggingSection, ModelSection, ParallelSection, TrainSection
-from rlhf_ray.pipelines.supervised import SupervisedDataSection, SupervisedJob, run_supervised
+from rlhf_ray.config.base import run_cli
+from rlhf_ray.config.sections import CheckpointSection
+from rlhf_ray.pipelines.supervised import SupervisedConfig, SupervisedJob, run_supervised
 
 
-class SFTConfig(JobConfig):
-    model: ModelSection = ModelSection()
-    data: SupervisedDataSection
-    train: TrainSection = TrainSection()
-    parallel: ParallelSection = ParallelSection()
+class SFTConfig(SupervisedConfig):
     checkpoint: CheckpointSection = CheckpointSection(save_path="output/sft")
-    logging: LoggingSection = LoggingSection()
 
 
 def build_job(cfg: SFTConfig) -> SupervisedJob:

@@ -22,7 +22,8 @@ from typing import Any
 from pydantic import Field
 
 from rlhf_ray.checkpoint.layout import resolve_checkpoint_path
-from rlhf_ray.config.base import ConfigError, Section
+from rlhf_ray.config.base import ConfigError, JobConfig, Section
+from rlhf_ray.config.sections import CheckpointSection, LoggingSection, ModelSection, ParallelSection, TrainSection
 
 CHECKPOINT_STATE_FILE = "trainer_state.json"
 
@@ -39,6 +40,17 @@ class SupervisedDataSection(Section):
     eval_interval: int = Field(0, ge=0, description="evaluate every N optimizer steps; 0 = at the end of each epoch")
     eval_at_start: bool = Field(False, description="also evaluate before the first step (the baseline of loss/eval)")
     shuffle: bool = Field(True, description="shuffle rows each epoch (order depends only on seed and epoch)")
+
+
+class SupervisedConfig(JobConfig):
+    """The sections of every supervised job; a job adds its own section and its --save_path default."""
+
+    model: ModelSection = ModelSection()
+    data: SupervisedDataSection
+    train: TrainSection = TrainSection()
+    parallel: ParallelSection = ParallelSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    logging: LoggingSection = LoggingSection()
 
 
 @dataclass

@@ -37,10 +37,13 @@ class RoleGroups:
         release_bundles(self.placement_groups)
 
 
+def trainable_roles(cfg) -> list[str]:
+    """The roles that train and so build an engine: the policy, and the critic when the estimator needs one."""
+    return ["policy"] + (["critic"] if hasattr(cfg, "critic") and cfg.algorithm.needs_critic else [])
+
+
 def active_roles(cfg) -> list[str]:
-    roles = ["policy"]
-    if hasattr(cfg, "critic") and cfg.algorithm.needs_critic:
-        roles.append("critic")
+    roles = trainable_roles(cfg)
     if cfg.algorithm.kl_coef > 0:
         roles.append("reference")
     if cfg.reward.resolved_source() == "model":

@@ -51,13 +51,14 @@ def _load_tokenizer(cfg):
 def _check_engines(cfg) -> None:
     """--plugin against each trainable role's resources, before Ray starts (frozen roles build no engine)."""
     from rlhf_ray.engines.registry import validate_engine_config
+    from rlhf_ray.pipelines.rl.groups import trainable_roles
+    from rlhf_ray.pipelines.rl.roles import role_layouts
 
-    train = cfg.train
-    validate_engine_config(cfg.parallel, train)
-    if hasattr(cfg, "critic") and cfg.algorithm.needs_critic:
-        critic = cfg.parallel.model_copy(update={"gpus_per_worker": cfg.critic.gpus_per_worker})
+    layouts = role_layouts(cfg, trainable_roles(cfg))
+    validate_engine_config(layouts["policy"], cfg.train)
+    if "critic" in layouts:
         try:
-            validate_engine_config(critic, train)
+            validate_engine_config(layouts["critic"], cfg.train)
         except ConfigError as exc:
             raise ConfigError(f"the critic: {exc}".replace("--gpus_per_worker", "--critic_gpus_per_worker")) from None
 

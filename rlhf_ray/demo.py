@@ -141,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         curve = reward_curve(out / "logs" / stage)
         if curve:
             print(f"  {stage} mean reward: first episode {curve[0]:.3f} -> last episode {curve[1]:.3f}")
+    logs = out / "logs"
+    drawn = [stage for stage in timings if (logs / stage / "plots").is_dir()]
+    if drawn:
+        print(f"  plots: {logs}/<{'|'.join(drawn)}>/plots/*.png; sampled responses: {logs}/<ppo|grpo>/samples.jsonl")
+        print(f"  overlay runs: rlhf-ray plot {' '.join(str(logs / stage) for stage in drawn[-2:])} --out plots")
+    if (out / "grpo" / "config.json").is_file():
+        print(f"  talk to it: rlhf-ray chat --model {out / 'grpo'} --prompt 'What is 3 + 4?'")
     return 0
 
 

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +17,9 @@ import torch
 from safetensors import safe_open
 
 from rlhf_ray.checkpoint.atomic import (atomic_directory, is_complete, latest_checkpoint, require_complete,
-                                        step_directory)
+                                        rotate_checkpoints, step_directory, verify_checkpoint)
+from rlhf_ray.checkpoint.layout import resolve_checkpoint_path
+from rlhf_ray.config.base import ConfigError
 from rlhf_ray.checkpoint.hf_export import write_hf_directory
 from rlhf_ray.checkpoint.rng import load_rng, save_rng
 
@@ -73,6 +81,7 @@ def test_engine_checkpoint_holds_no_pickles(tiny_model_dir, tmp_path):
             json.loads(path.read_text())
         else:
             assert path.name == "COMPLETE"
+    assert verify_checkpoint(tmp_path / "ckpt") is None         # the manifest covers every rank's files
     with pytest.raises(TypeError):
         engine.save_checkpoint(tmp_path / "bad", {"not json": object()})
     assert not (tmp_path / "bad").exists()
@@ -90,3 +99,98 @@ def test_hf_export_shards_large_models_with_an_index(tiny_model_dir, tmp_path):
     assert loaded.config.dtype == torch.bfloat16
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name].float(), tensor.to(torch.bfloat16).float())
+
+
+def _write_step(save_dir, step, payload=b"weights"):
+    with atomic_directory(step_directory(save_dir, step)) as tmp:
+        (tmp / "model").mkdir()
+        (tmp / "model" / "shard.safetensors").write_bytes(payload * 100)
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+
+
+def test_a_corrupted_or_truncated_file_is_detected_and_skipped(tmp_path, capsys):
+    for step in (1, 2, 3):
+        _write_step(tmp_path, step)
+    shard = tmp_path / "step_3" / "model" / "shard.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF                                            # bit rot: same size, other bytes
+    shard.write_bytes(bytes(data))
+    assert "does not match its sha256" in verify_checkpoint(tmp_path / "step_3")
+    assert verify_checkpoint(tmp_path / "step_3", checksums=False) is None
+    (tmp_path / "step_2" / "state.json").write_text("{")         # truncated
+    assert "state.json has 1 bytes" in verify_checkpoint(tmp_path / "step_2")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_1"
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint {tmp_path / 'step_3'}" in out and f"skipping checkpoint {tmp_path / 'step_2'}" in out
+    assert resolve_checkpoint_path(str(tmp_path)) == tmp_path / "step_1"
+    with pytest.raises(ConfigError, match="step_3: model/shard.safetensors does not match its sha256"):
+        resolve_checkpoint_path(str(tmp_path / "step_3"))
+    with pytest.raises(ValueError, match="state.json has 1 bytes"):
+        require_complete(tmp_path / "step_2")
+    (tmp_path / "step_1" / "MANIFEST.json").unlink()
+    assert "no readable MANIFEST.json" in verify_checkpoint(tmp_path / "step_1")
+    with pytest.raises(ConfigError, match="neither a complete checkpoint"):
+        resolve_checkpoint_path(str(tmp_path))
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
+    for step in (1, 2, 10, 3):
+        _write_step(tmp_path, step)
+    (tmp_path / "step_20").mkdir()                              # unfinished: neither counted nor deleted
+    assert rotate_checkpoints(tmp_path, 0) == [] and rotate_checkpoints(tmp_path, None) == []
+    assert rotate_checkpoints(tmp_path, 2) == [tmp_path / "step_2", tmp_path / "step_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_20", "step_3"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_10"
+
+
+_KILLED_MID_SAVE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from safetensors.torch import save_file
+    import rlhf_ray.engines.base as base
+    from engines_harness import make_data, make_engine, run_steps
+
+    model_dir, save_dir = sys.argv[1], Path(sys.argv[2])
+    engine, data = make_engine(model_dir), make_data()
+    run_steps(engine, data, range(1))
+    engine.save_checkpoint(save_dir / "step_1", {"step": 1})
+    save_file({k: v.clone() for k, v in engine.model.state_dict().items()}, str(save_dir.parent / "step1.safetensors"))
+    run_steps(engine, data, range(1, 2))
+
+    def stalled_save_rng(directory, rank):           # model and optimizer shards are written; the kill lands here
+        (save_dir.parent / "writing").write_text("now")
+        time.sleep(120)
+    base.save_rng = stalled_save_rng
+    engine.save_checkpoint(save_dir / "step_2", {"step": 2})
+""")
+
+
+def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_to_resume_from(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from engines_harness import make_engine
+
+    save_dir = tmp_path / "ckpts"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_MID_SAVE, str(tiny_model_dir), str(save_dir)], env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "writing").exists():
+            assert proc.poll() is None, "the saving process ended before the save began"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    partial = save_dir / ".step_2.tmp"
+    assert (partial / "model").is_dir() and not (save_dir / "step_2").exists()     # killed with shards on disk
+    assert resolve_checkpoint_path(str(save_dir)) == save_dir / "step_1"
+    engine = make_engine(tiny_model_dir)
+    assert engine.load_checkpoint(save_dir / "step_1") == {"step": 1}
+    expected = load_file(str(tmp_path / "step1.safetensors"))
+    for name, tensor in engine.model.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+    engine.save_checkpoint(save_dir / "step_2", {"step": 2})    # the next save clears the partial one
+    assert latest_checkpoint(save_dir) == save_dir / "step_2" and not partial.exists()

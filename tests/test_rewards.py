@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -169,6 +170,7 @@ class RewardServer:
         self.stall_s = 0.0              # sleep before answering
         self.status = 200
         self.body_override = None
+        self.raw_body: bytes | None = None     # sent as it is (garbage that is not JSON)
         self.requests: list[dict] = []
         owner = self
 
@@ -184,13 +186,15 @@ class RewardServer:
                 if owner.failures_left > 0:
                     owner.failures_left -= 1
                     return self._send(503, {"error": "warming up"})
+                if owner.raw_body is not None:
+                    return self._send(owner.status, owner.raw_body)
                 if owner.body_override is not None:
                     return self._send(owner.status, owner.body_override)
                 rewards = [float(len(r)) for r in payload["responses"]]
                 self._send(owner.status, {"rewards": rewards, "metrics": {"batch": len(rewards)}})
 
             def _send(self, status, body):
-                data = json.dumps(body).encode()
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -245,8 +249,11 @@ def test_remote_retries_transient_failures(server):
 def test_remote_timeout_is_retried_then_reported(server):
     server.stall_s = 2.0
     source = build_reward_source("remote", url=server.url, timeout_s=0.2, retries=1, backoff_s=0.01)
-    with pytest.raises(RemoteRewardError, match="no answer within timeout_s=0.2"):
+    started = time.perf_counter()
+    with pytest.raises(RemoteRewardError, match=rf"{server.url} failed 2 attempt\(s\); last error: no answer within "
+                                                r"timeout_s=0.2"):
         source.score(["p"], ["x"])
+    assert time.perf_counter() - started < 1.5         # bounded by the attempts' timeouts, not by the server
     assert len(server.requests) == 2  # the first try and one retry
 
 
@@ -260,14 +267,31 @@ def test_remote_client_errors_fail_without_retry(server):
     with pytest.raises(RemoteRewardError, match="returned 2 rewards for 1 responses"):
         build_reward_source("remote", url=server.url).score(["p"], ["x"])
     server.body_override = {"scores": [1.0]}
-    with pytest.raises(RemoteRewardError, match="without a 'rewards' list"):
+    with pytest.raises(RemoteRewardError, match=r"no 'rewards' list \(keys \['scores'\]\)"):
         build_reward_source("remote", url=server.url).score(["p"], ["x"])
 
 
+@pytest.mark.parametrize("answer, expected", [
+    (b"<html>502 Bad Gateway</html>", r"not JSON \(first bytes: '<html>502 Bad Gateway</html>'\)"),
+    (b'{"rewards": ["high"]}', r"sample 0 returned 'high' \(str\); expected a number"),
+    (b'{"rewards": [NaN]}', r"sample 0 returned nan; rewards must be finite"),
+    (b'[1.0]', r"no 'rewards' list \(a list\)"),
+    (b'{"rewards": [1.0], "metrics": {"judge": "ok"}}', r"metric 'judge' returned 'ok'"),
+])
+def test_remote_garbage_is_one_error_naming_the_url_and_the_answer(server, answer, expected):
+    server.raw_body = answer
+    with pytest.raises(RemoteRewardError, match=rf"reward server {server.url}, attempt 1 of 3: .*{expected}"):
+        build_reward_source("remote", url=server.url, retries=2).score(["p"], ["x"])
+    assert len(server.requests) == 1                    # a malformed answer is not retried
+
+
 def test_remote_unreachable_server():
-    with pytest.raises(RemoteRewardError, match="connection failed"):
-        build_reward_source("remote", url="http://127.0.0.1:9/score", retries=1, backoff_s=0.01,
-                            timeout_s=2).score(["p"], ["x"])
+    with socket.socket() as probe:                      # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/score"
+    with pytest.raises(RemoteRewardError, match=rf"{url} failed 3 attempt\(s\); last error: connection failed: "
+                                                r".*[Cc]onnection refused"):
+        build_reward_source("remote", url=url, retries=2, backoff_s=0.01, timeout_s=2).score(["p"], ["x"])
 
 
 # --- one async entry point for every source --------------------------------------------------------------------

@@ -196,6 +196,9 @@ def test_merge_update_results_weights_by_units_and_skips_tp_duplicates():
                                   tp=2, prefix="policy")
     assert merged["loss/policy"] == pytest.approx((1.0 * 10 + 4.0 * 30) / 40)
     assert merged["policy/grad_norm"] == 3.0 and merged["policy/lr"] == 0.1
+    assert "policy/skipped_steps" not in merged                        # only when the ranks report it
+    with_skips = [[{**step, "skipped_steps": 2} for step in rank(1.0, 10, 3.0)]]
+    assert merge_update_results(with_skips, tp=1, prefix="policy")["policy/skipped_steps"] == 2.0
 
 
 def test_stream_positions_are_deterministic_and_cover_each_pass():

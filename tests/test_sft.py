@@ -2,6 +2,7 @@
 resumable checkpoints that continue exactly, HF output, and clear errors for bad input."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,12 +83,19 @@ def test_sft_writes_config_checkpoints_and_a_transformers_model(first_run):
 
 
 def test_resume_continues_exactly_like_the_uninterrupted_run(first_run, tiny_model_dir, data, tmp_path):
-    """Stop after step 4 (its checkpoint), resume in a new job: steps 5-6 match the uninterrupted run's losses to
+    """Stop after step 4 (its checkpoint; step_8 and step_12 beside it are made to look unfinished and corrupted, so
+    resume from the directory must pick step_4), resume in a new job: steps 5-6 match the uninterrupted run's losses to
     float64 printing precision (same data order, weights, AdamW moments, schedule and RNG)."""
     out, uninterrupted = first_run
-    status = sft.main(_argv(tiny_model_dir, data, tmp_path, "--max_steps", "6",
-                            "--checkpoint_path", str(out / "model-checkpoints" / "step_4")))
+    saved = tmp_path / "saved"
+    shutil.copytree(out / "model-checkpoints", saved)
+    (saved / "step_8" / "COMPLETE").unlink()
+    with (saved / "step_12" / "engine_state.json").open("r+b") as handle:
+        handle.write(b" ")
+    status = sft.main(_argv(tiny_model_dir, data, tmp_path, "--max_steps", "6", "--save_interval", "1",
+                            "--save_total_limit", "1", "--checkpoint_path", str(saved)))
     assert status == 0
+    assert sorted(p.name for p in (tmp_path / "model-checkpoints").iterdir()) == ["step_6"]    # step_5 rotated out
     resumed = read_jsonl_metrics(tmp_path / "logs" / "metrics.jsonl")
     resumed_loss = _series(resumed, "loss/train")
     assert sorted(resumed_loss) == [5, 6]

@@ -51,7 +51,7 @@ def test_sft_cli_in_a_subprocess_with_two_ranks(ray_cluster, tiny_model_dir, tmp
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "global batch = batch_size 4 × dp 2 × accumulation_steps 1 = 8 rows" in done.stdout
-    assert "resource plan:" in done.stdout and "loss/eval=" in done.stdout
+    assert "resource plan:" in done.stdout and "eval_loss=" in done.stdout   # the console line names it eval_loss
     assert "Connecting to existing Ray cluster" in done.stdout + done.stderr
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 2

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -98,3 +99,24 @@ def test_gloo_broadcast_group_moves_a_bucket_between_processes(tmp_path):
     received = torch.load(out)
     assert list(received) == [n for n, _ in tensors]
     assert all(torch.equal(received[name], tensor) for name, tensor in tensors)
+
+
+def test_a_receiver_that_never_answers_times_out_with_a_message(monkeypatch):
+    """Every wait of a sync is bounded by the channel's timeout: a hung engine raises, it never hangs the trainer."""
+    import ray
+
+    from rlhf_ray.rollout.weight_sync import ObjectStoreChannel, WeightSender
+
+    waits = []
+
+    def never_ready(refs, timeout=None):
+        waits.append(timeout)
+        raise ray.exceptions.GetTimeoutError("hung")
+
+    monkeypatch.setattr(ray, "get", never_ready)
+    hung = SimpleNamespace(begin_weight_update=SimpleNamespace(remote=lambda version: "ref"))
+    channel = ObjectStoreChannel()
+    channel.connect([hung], [1], "timeout-test", timeout_s=7.0)
+    with pytest.raises(TimeoutError, match=r"begin_weight_update .* within 7s"):
+        WeightSender(channel, bucket_bytes=1 << 20).send(iter([("w", torch.zeros(2))]), version=1)
+    assert waits == [7.0]

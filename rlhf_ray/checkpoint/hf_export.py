@@ -73,7 +73,7 @@ def write_hf_directory(directory: str | Path, weights: Iterable[tuple[str, torch
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Atomically write an HF model directory; collective over the ranks that produce `weights`."""
     directory = Path(directory)
-    with atomic_directory(directory, is_writer=is_writer, barrier=barrier) as tmp:
+    with atomic_directory(directory, is_writer=is_writer, barrier=barrier, seal=False) as tmp:
         _write_shards(tmp, weights, dtype, keep=is_writer, max_shard_bytes=max_shard_bytes)
         if is_writer:
             config = copy.deepcopy(config)
@@ -93,7 +93,7 @@ def write_peft_adapter(directory: str | Path, adapter_weights: Iterable[tuple[st
     """Write LoRA adapters in peft's layout: adapter_config.json + adapter_model.safetensors with keys
     `base_model.model.<module>.lora_A.weight` (adapter name dropped), as PeftModel.save_pretrained does."""
     directory = Path(directory)
-    with atomic_directory(directory, is_writer=is_writer, barrier=barrier) as tmp:
+    with atomic_directory(directory, is_writer=is_writer, barrier=barrier, seal=False) as tmp:
         tensors = {}
         for name, tensor in adapter_weights:
             if is_writer:

@@ -49,6 +49,9 @@ class TrainSection(Section):
     grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this; 0 disables")
     mixed_precision: MixedPrecision = Field("fp32", description="compute dtype: fp32, bf16, or fp16 with loss scaling")
     seed: int = Field(42, description="random seed for data order, init and sampling")
+    max_consecutive_bad_steps: int = Field(3, ge=0, description="stop the run after this many optimizer steps in a "
+                                                                "row skipped for a non-finite loss or gradient; "
+                                                                "0 never stops")
 
 
 class WorkerResources(Section):
@@ -92,6 +95,8 @@ class CheckpointSection(Section):
 
     save_path: str = Field("output/model", description="directory for the final HF-format model")
     save_interval: int = Field(0, ge=0, description="save a resumable checkpoint every N optimizer steps; 0 = only at the end")
+    save_total_limit: int | None = Field(None, ge=0, description="keep only the newest N complete step_N "
+                                                                 "checkpoints; 0 or unset keeps all")
     save_dir: str | None = Field(None, description="directory for resumable checkpoints (step_N/); default <save_path>-checkpoints, "
                                                      "beside --save_path, which the final export replaces whole")
     checkpoint_path: str | None = Field(None, description="resume from this checkpoint directory (a step_N/ "
@@ -108,3 +113,5 @@ class LoggingSection(Section):
     tensorboard: bool = Field(True, description="write TensorBoard events under log_dir")
     log_interval: int = Field(1, ge=1, description="log every N optimizer steps")
     progress: bool = Field(True, description="show progress bars")
+    verbose: bool = Field(False, description="print every metric on the console (default: the headline numbers; "
+                                             "all of them always go to metrics.jsonl, TensorBoard and wandb)")

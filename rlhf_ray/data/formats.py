@@ -18,15 +18,18 @@ Normalised records (plain dicts, cheap to pickle to tokenization workers):
 
 Malformed input (bad JSON, missing keys, wrong types, unknown roles, empty content, turns out of order in the
 seed format) raises InputError naming the file, line and field. Quirks of public data sets that a user cannot fix
-(an empty hh-rlhf response, two assistant turns in a row) drop the row with a named reason instead; every drop is
-counted in summary.json.
+(an empty hh-rlhf response, two assistant turns in a row) and pairs with nothing to learn (chosen equal to
+rejected, a side ending on a human turn) drop the row with a named reason instead; every drop is counted in
+summary.json. A file that cannot be read or decoded names the line where that starts.
 """
 
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -66,29 +69,50 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return files
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else path.open(encoding="utf-8")
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
+
+
+def _numbered_lines(path: Path, handle) -> Iterator[tuple[int, str]]:
+    """(line number from 1, decoded line); a file that cannot be read or decoded past some line names that line."""
+    number = 0
+    while True:
+        try:
+            raw = handle.readline()
+        except (OSError, EOFError, zlib.error) as exc:   # a .gz cut short (partial download) or corrupted
+            raise InputError(f"{path}: line {number + 1}", None, f"cannot read the file from here on ({exc}); it is "
+                             f"truncated or corrupt (`gzip -t {path}` checks a .gz file): download or write it "
+                             f"again") from None
+        if not raw:
+            return
+        number += 1
+        try:
+            yield number, raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}: line {number}", None, f"not valid UTF-8 (byte {exc.start + 1} of the line is "
+                             f"{raw[exc.start:exc.start + 1]!r}); save the file as UTF-8") from None
 
 
 def iter_rows(path: Path, max_rows: int | None = None) -> Iterator[tuple[str, Any]]:
     """Yield (where, row) with where = 'FILE: line N' (JSONL) or 'FILE: item N' (JSON array), N from 1."""
-    with _open_text(path) as handle:
-        try:
-            head = handle.read(4096)
-        except (OSError, EOFError, UnicodeDecodeError) as exc:
-            raise InputError(str(path), None, f"cannot read: {exc}") from None
-        if head.lstrip().startswith("["):
-            text = head + handle.read()
+    with _open_binary(path) as handle:
+        lines = _numbered_lines(path, handle)
+        for first_number, first in lines:
+            if first.strip():
+                break
+        else:
+            return                                        # empty or whitespace only: no rows
+        if first.lstrip().startswith("["):
             try:
-                rows = json.loads(text)
+                rows = json.loads(first + "".join(line for _, line in lines))
             except json.JSONDecodeError as exc:
-                raise InputError(f"{path}: line {exc.lineno}", None, f"not valid JSON ({exc.msg})") from None
+                raise InputError(f"{path}: line {exc.lineno + first_number - 1}", None, f"not valid JSON ({exc.msg})"
+                                 ) from None
             for index, row in enumerate(rows[:max_rows] if max_rows else rows, start=1):
                 yield f"{path}: item {index}", row
             return
         count = 0
-        lines = _lines(head, handle)
-        for number, line in enumerate(lines, start=1):
+        for number, line in itertools.chain([(first_number, first)], lines):
             if not line.strip():
                 continue
             if max_rows is not None and count >= max_rows:
@@ -100,15 +124,6 @@ def iter_rows(path: Path, max_rows: int | None = None) -> Iterator[tuple[str, An
                                  ) from None
             count += 1
             yield f"{path}: line {number}", row
-
-
-def _lines(head: str, handle) -> Iterator[str]:
-    pending = head
-    for chunk in iter(lambda: handle.read(1 << 20), ""):
-        pending += chunk
-        *complete, pending = pending.split("\n")
-        yield from complete
-    yield from pending.split("\n")
 
 
 # ---------------------------------------------------------------- detection
@@ -214,6 +229,12 @@ def _conversation_record(messages, kind: str, gt_answer: str | None) -> Converte
     return {"messages": messages, "gt_answer": gt_answer}, note
 
 
+def _preference_record(context, chosen, rejected) -> Converted:
+    if chosen == rejected:
+        return None, "chosen_equals_rejected"        # no preference to learn; the loss would only add noise
+    return {"context": context, "chosen": chosen, "rejected": rejected}, None
+
+
 def convert_seed(row: Any, where: str, kind: str) -> Converted:
     if kind in ("sft", "prompt"):
         messages = parse_messages(_get(row, "messages", where, list), where, "messages")
@@ -229,7 +250,9 @@ def convert_seed(row: Any, where: str, kind: str) -> Converted:
             problem = alternation_problem(context + sides[side], "context+" + side)
             if problem:
                 raise InputError(where, None, problem)
-        return {"context": context, **sides}, None
+            if sides[side][-1][0] != ASSISTANT:
+                return None, f"{side}_ends_on_human_turn"     # nothing of the model's to prefer or reject
+        return _preference_record(context, sides["chosen"], sides["rejected"])
     source = _get(row, "source", where, str)
     target = _get(row, "target", where, str)
     if not target.strip():
@@ -272,7 +295,7 @@ def convert_hh_rlhf(row: Any, where: str, kind: str) -> Converted:
         rejected = sides["rejected"]
         if chosen[:-1] != rejected[:-1]:
             return None, "context_mismatch"
-        return {"context": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}, None
+        return _preference_record(chosen[:-1], chosen[-1:], rejected[-1:])
     return _conversation_record(chosen, kind, None)
 
 

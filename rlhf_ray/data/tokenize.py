@@ -39,6 +39,14 @@ class TokenizedBatch:
     dropped: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)
 
+    def keep(self, row: dict, record: dict) -> None:
+        """Keep a row; count what conversion ("note") and the length policy ("cut") took from its record, so that
+        summary.json's truncated counts cover kept rows only."""
+        self.rows.append(row)
+        for key in ("note", "cut"):
+            if record.get(key):
+                self.truncated[record[key]] += 1
+
 
 def _straddled(offsets: np.ndarray, boundaries: list[int]) -> list[int]:
     """The boundaries that fall strictly inside one token."""
@@ -100,7 +108,7 @@ def tokenize_sft(records: list[dict], tokenizer: TokenEncoder, template: Convers
     ids_list, offsets_list = encode_with_boundaries(tokenizer, [text for text, _ in rendered],
                                                     [[x for s, e, _ in spans for x in (s, e)] for _, spans in rendered])
     line_tail = len(template.assistant_line_end) - len(template.end_of_assistant)
-    for (text, spans), ids, offsets in zip(rendered, ids_list, offsets_list):
+    for record, (text, spans), ids, offsets in zip(records, rendered, ids_list, offsets_list):
         mask = token_mask(offsets, len(text), [(s, e) for s, e, _ in spans])
         if max_length and len(ids) > max_length:
             turn_ends = [_tokens_before(offsets, end + line_tail) for _, end, _ in spans]
@@ -114,12 +122,12 @@ def tokenize_sft(records: list[dict], tokenizer: TokenEncoder, template: Convers
                     continue
                 cut, reason = max_length, "response_cut_at_max_length"
             ids, mask = ids[:cut], mask[:cut]
-            out.truncated[reason] += 1
+            record = {**record, "cut": reason}
         if not mask.any():
             out.dropped["no_labeled_tokens"] += 1
             continue
         labels = np.where(mask, np.asarray(ids, dtype=np.int64), IGNORE_INDEX)
-        out.rows.append({"input_ids": list(ids), "attention_mask": [1] * len(ids), "labels": labels.tolist()})
+        out.keep({"input_ids": list(ids), "attention_mask": [1] * len(ids), "labels": labels.tolist()}, record)
     return out
 
 
@@ -152,7 +160,7 @@ def tokenize_preference(records: list[dict], tokenizer: TokenEncoder, template: 
         for side, (ids, mask) in sides.items():
             row[f"{side}_input_ids"] = list(ids)
             row[f"{side}_loss_mask"] = mask.astype(np.int64).tolist()
-        out.rows.append(row)
+        out.keep(row, records[i])
     return out
 
 
@@ -166,7 +174,7 @@ def tokenize_prompt(records: list[dict], tokenizer: TokenEncoder, template: Conv
         if max_length and len(ids) > max_length:
             out.dropped["prompt_longer_than_max_length"] += 1
             continue
-        out.rows.append({"input_ids": list(ids), "gt_answer": record.get("gt_answer")})
+        out.keep({"input_ids": list(ids), "gt_answer": record.get("gt_answer")}, record)
     return out
 
 
@@ -190,9 +198,9 @@ def tokenize_ptx(records: list[dict], tokenizer: TokenEncoder, template: Convers
             if not mask.any():
                 out.dropped["source_fills_max_length"] += 1
                 continue
-            out.truncated["cut_at_max_length"] += 1
+            record = {**record, "cut": "cut_at_max_length"}
         labels = np.where(mask, np.asarray(ids, dtype=np.int64), IGNORE_INDEX)
-        out.rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels.tolist()})
+        out.keep({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels.tolist()}, record)
     return out
 
 

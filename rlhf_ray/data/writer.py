@@ -86,11 +86,26 @@ def write_shard(out_dir: Path, index: int, kind: str, rows: list[dict], encoder:
                 handle.write(json.dumps(preview_row(kind, row, encoder), ensure_ascii=False) + "\n")
 
 
+def is_prepare_output(path: Path) -> bool:
+    """True when `path` holds the summary.json that `rlhf-ray prepare` writes last (its output, complete)."""
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and {"type", "input_rows", "kept"} <= set(summary)
+
+
 def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing, non-empty output unless asked to (before any work is done)."""
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+    """Refuse to replace an existing, non-empty output unless asked to, and with --overwrite anything but an
+    earlier prepare output (before any work is done)."""
+    if not output.exists() or (output.is_dir() and not any(output.iterdir())):
+        return
+    if not overwrite:
         raise ValueError(f"--output {output} already exists; pass --overwrite to replace it, or choose another "
                          f"directory")
+    if not output.is_dir() or not is_prepare_output(output):
+        raise ValueError(f"--output {output} exists and is not the output of an earlier `rlhf-ray prepare` (no "
+                         f"summary.json of one), so --overwrite will not delete it; choose a new or empty directory")
 
 
 @contextmanager

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from rlhf_ray.checkpoint.atomic import atomic_directory, require_complete
 from rlhf_ray.checkpoint.rng import load_rng, save_rng
+from rlhf_ray.engines.collectives import all_reduce_sums
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class TrainEngine(ABC):
     accumulation_steps: int
     #: tensor-parallel size (1 unless the backend shards layers)
     tp: int = 1
+    #: where this rank computes (cuda:<i> or cpu); collectives of this engine put their tensors here
+    device: torch.device = torch.device("cpu")
     #: LR schedule and fp16 loss scaler (None unless this engine scales the loss itself)
     scheduler: Any
     scaler: Any = None
@@ -152,9 +155,8 @@ class TrainEngine(ABC):
         if not (dist.is_available() and dist.is_initialized()) or not metrics:
             return dict(metrics)
         keys = sorted(metrics)
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-        dist.all_reduce(values)
-        return {k: float(v) / self.world_size for k, v in zip(keys, values)}
+        sums = all_reduce_sums([metrics[k] for k in keys], self.device)
+        return {k: v / self.world_size for k, v in zip(keys, sums)}
 
     def barrier(self) -> None:
         """Wait for every rank (no-op in a single process)."""

@@ -97,9 +97,10 @@ def _ensure_process_group(device: torch.device) -> None:
     """ColossalAI's coordinator needs torch.distributed; a single process gets a 1-rank group."""
     if dist.is_initialized():
         return
+    from rlhf_ray.engines.collectives import process_group_backend
     from rlhf_ray.utils import free_port
 
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = process_group_backend(device.type == "cuda")
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     log.info("colossalai backend: started a single-rank %s process group", backend)
 

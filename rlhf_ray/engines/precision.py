@@ -28,6 +28,10 @@ def autocast_context(mixed_precision: str, device: torch.device):
         return contextlib.nullcontext()
     if mixed_precision not in AUTOCAST_DTYPES:
         raise ValueError(f"mixed_precision {mixed_precision!r} is not one of fp32, bf16, fp16")
+    if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        # torch's own RuntimeError says neither the flag nor the GPU (pre-Ampere GPUs: V100, T4)
+        raise ValueError(f"--mixed_precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                         f"use --mixed_precision fp16 (loss-scaled) or fp32")
     return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[mixed_precision])
 
 

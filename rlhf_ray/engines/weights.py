@@ -34,9 +34,38 @@ def iter_full_weights(module: nn.Module, merge_lora: bool = True) -> Iterator[tu
 
     With merge_lora, LoRA layers yield their base weight plus B @ A * scaling under the plain HF name (and no
     lora_A/lora_B entries); without it, the raw names (`...base_layer.weight`, `...lora_A.default.weight`).
-    Tied parameters (shared embeddings) are yielded once, under their first name. At most one gathered layer is
-    alive at a time on top of the caller's own use.
+    Tied parameters (shared embeddings) are yielded once, under their first name. Names and layouts are those of
+    the HF checkpoint (what save_pretrained writes and vLLM loads): transformers 5 packs MoE experts into one 3-D
+    tensor in memory (`experts.gate_up_proj`), yielded here as per-expert `experts.<i>.gate_proj.weight` etc.
+    At most one gathered layer is alive at a time on top of the caller's own use.
     """
+    to_checkpoint = _checkpoint_layout(module)
+    for name, tensor in _iter_module_weights(module, merge_lora):
+        if to_checkpoint is None:
+            yield name, tensor
+        else:
+            yield from to_checkpoint(name, tensor)
+
+
+def _checkpoint_layout(module: nn.Module):
+    """A (name, tensor) -> [(checkpoint name, tensor), ...] function when transformers converts this model's
+    weights on load (MoE expert packing), else None."""
+    from transformers import PreTrainedModel
+    from transformers.core_model_loading import WeightConverter, revert_weight_conversion
+
+    if not isinstance(module, PreTrainedModel):
+        return None
+    conversions = getattr(module, "_weight_conversions", None)
+    if conversions is None:                  # built from a config, not from_pretrained: the class's default mapping
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        conversions = get_model_conversion_mapping(module, add_legacy=False)
+    if not any(isinstance(c, WeightConverter) for c in conversions):
+        return None                          # nothing packed: module names are the checkpoint names
+    return lambda name, tensor: revert_weight_conversion(module, {name: tensor}).items()
+
+
+def _iter_module_weights(module: nn.Module, merge_lora: bool) -> Iterator[tuple[str, torch.Tensor]]:
     seen: set[int] = set()
     lora_prefixes: list[str] = []
     for module_name, child in module.named_modules():

@@ -12,7 +12,9 @@ Data flow:
                                                  offsets, masks labels, applies the length policy, writes its shard
       -> <output>/arrow, /jsonl, summary.json    (temporary directory renamed into place at the end)
 
-summary.json accounts for every input row: input_rows == kept + sum(dropped.values()); truncated rows are kept.
+summary.json accounts for every input row: input_rows == kept + sum(dropped.values()); truncated rows are kept
+(and only kept rows are counted as truncated). Input with no rows left writes nothing and fails; --overwrite
+replaces only an earlier prepare output; --num_proc is capped at the rows and the CPU cores, with a note.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def read_records(config: PrepareConfig) -> tuple[list[dict], dict]:
 
     kind = config.prepare.type
     records: list[dict] = []
-    dropped, truncated, files = Counter(), Counter(), []
+    dropped, files = Counter(), []
     for path in expand_inputs(config.prepare.input):
         fmt, rows = config.prepare.format, 0
         for where, row in iter_rows(path, config.prepare.max_rows):
@@ -130,10 +132,10 @@ def read_records(config: PrepareConfig) -> tuple[list[dict], dict]:
                 dropped[reason] += 1
                 continue
             if reason:
-                truncated[reason] += 1
+                record["note"] = reason     # counted as truncated only if tokenization keeps the row
             records.append(record)
         files.append({"path": str(path), "format": fmt, "rows": rows})
-    return records, {"files": files, "dropped": dropped, "truncated": truncated}
+    return records, {"files": files, "dropped": dropped}
 
 
 def prepare_dataset(config: PrepareConfig) -> dict:
@@ -147,23 +149,27 @@ def prepare_dataset(config: PrepareConfig) -> dict:
     opts = config.prepare
     output = Path(opts.output)
     check_output(output, opts.overwrite)
+    check_inputs_outside(opts.input, output)
     records, accounting = read_records(config)  # first: bad input fails fast, before transformers is imported
+    input_rows = sum(f["rows"] for f in accounting["files"])
+    dropped, truncated = accounting["dropped"], Counter()
+    check_rows_left(input_rows, len(records), dropped, "reading")
     tokenizer = load_tokenizer(config.tokenizer.tokenizer_dir)
     template = resolve_template(config, tokenizer)
-    input_rows = sum(f["rows"] for f in accounting["files"])
-    dropped, truncated = accounting["dropped"], accounting["truncated"]
+    num_proc = clamp_num_proc(opts.num_proc, len(records))
 
     with atomic_output(output, opts.overwrite) as tmp:
         settings = ShardSettings(opts.type, TokenEncoder(tokenizer), template, opts.max_length, str(tmp),
                                  opts.write_jsonl)
-        chunks = split_chunks(records, opts.shard_size, opts.num_proc)
+        chunks = split_chunks(records, opts.shard_size, num_proc)
         bar = progress(total=len(records), desc=f"prepare {opts.type}", unit="rows")
-        results = run_shards(chunks, settings, opts.num_proc, on_done=lambda r: bar.update(len(chunks[r.index])))
+        results = run_shards(chunks, settings, num_proc, on_done=lambda r: bar.update(len(chunks[r.index])))
         bar.close()
         kept = sum(r.kept for r in results)
         for r in results:
             dropped.update(r.dropped)
             truncated.update(r.truncated)
+        check_rows_left(input_rows, kept, dropped, "tokenization")   # raising here leaves --output as it was
         tokens = sum(r.tokens for r in results)
         seconds = time.perf_counter() - started
         summary = {
@@ -182,7 +188,7 @@ def prepare_dataset(config: PrepareConfig) -> dict:
             "pad_token_id": tokenizer.pad_token_id,
             "eos_token_id": tokenizer.eos_token_id,
             "template": template.to_config() if template else None,
-            "num_proc": opts.num_proc,
+            "num_proc": num_proc,
             "seconds": round(seconds, 3),
             "rows_per_second": round(input_rows / seconds, 1) if seconds > 0 else None,
         }
@@ -191,6 +197,36 @@ def prepare_dataset(config: PrepareConfig) -> dict:
         write_summary(tmp, summary)
     print_summary(summary, output)
     return summary
+
+
+def check_inputs_outside(inputs: list[str], output: Path) -> None:
+    """Replacing --output must never delete an input."""
+    out = output.resolve()
+    for item in inputs:
+        path = Path(item).resolve()
+        if path == out or out in path.parents:
+            raise ValueError(f"--output {output} is or contains --input {item}; writing it would replace the "
+                             f"input. Choose an --output directory apart from the inputs")
+
+
+def check_rows_left(input_rows: int, kept: int, dropped: Counter, stage: str) -> None:
+    """A dataset with no rows cannot be trained on: say why there are none, and write nothing."""
+    if kept:
+        return
+    if not input_rows:
+        raise ValueError("--input holds no rows (the files are empty or whitespace only); nothing was written")
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in dropped.most_common())
+    raise ValueError(f"all {input_rows} input rows were dropped during {stage} ({reasons}); nothing was written. "
+                     f"See docs/prepare.md for each reason (e.g. raise --max_length, or check --type and --format)")
+
+
+def clamp_num_proc(num_proc: int, rows: int) -> int:
+    """No more worker processes than rows or CPU cores (more would only start idle processes and tiny shards)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    used = max(1, min(num_proc, rows, cores))
+    if used != num_proc:
+        print(f"note: --num_proc {num_proc} is more than the {rows} rows or {cores} CPU cores here; using {used}")
+    return used
 
 
 def print_summary(summary: dict, output: Path) -> None:

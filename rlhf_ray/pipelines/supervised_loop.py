@@ -27,6 +27,7 @@ from typing import Any
 import ray
 
 from rlhf_ray.config.base import ConfigError
+from rlhf_ray.checkpoint.atomic import rotate_checkpoints
 from rlhf_ray.checkpoint.layout import CONFIG_BESIDE_CHECKPOINT, checkpoint_dir
 from rlhf_ray.pipelines.supervised import CHECKPOINT_STATE_FILE, StepPlan, SupervisedJob, epoch_order
 from rlhf_ray.placement import ClusterCapacity, ResourcePlan, connect_ray, disconnect_ray, spec_from_parallel
@@ -35,7 +36,7 @@ from rlhf_ray.telemetry.timers import Timers
 from rlhf_ray.telemetry.tracker import build_tracker
 from rlhf_ray.utils import split_evenly
 from rlhf_ray.workers.group import WorkerGroup
-from rlhf_ray.workers.trainer import TrainerWorker, merge_step_results
+from rlhf_ray.workers.trainer import NonFiniteStepsError, TrainerWorker, merge_step_results
 
 
 def trainer_kwargs(cfg, job: SupervisedJob, *, frozen: bool = False) -> dict[str, Any]:
@@ -65,6 +66,8 @@ def train_metrics(merged: dict[str, float], wall_s: float) -> dict[str, float]:
     metrics.update({key: merged[key] for key in ("lr", "grad_norm", "loss_scale") if key in merged})
     if merged.get("skipped"):
         metrics["train/skipped_step"] = merged["skipped"]   # non-finite grad norm: the optimizer step was skipped
+    if merged.get("skipped_steps"):
+        metrics["train/skipped_steps"] = merged["skipped_steps"]    # how many so far in this run
     metrics["perf/tokens_per_s"] = merged["tokens"] / max(wall_s, 1e-9)
     metrics["perf/worker_tokens_per_s"] = merged["tokens"] / max(merged["time_s"], 1e-9)
     metrics["perf/tokens"] = merged["tokens"]
@@ -103,7 +106,11 @@ class SupervisedRun:
                     return 2
             self.tracker = build_tracker(self.cfg.logging, run_name=self.job.name, config=self.cfg.to_dict())
             self.tracker.log(self.timers.metrics(), step=step)
-            step = self._train(step, epoch, batch, resumed=resume_from is not None)
+            try:
+                step = self._train(step, epoch, batch, resumed=resume_from is not None)
+            except NonFiniteStepsError as exc:        # the checkpoints written so far stay; one message, exit 1
+                print(f"{self.prog}: {NonFiniteStepsError.message(exc)}", file=sys.stderr)
+                return 1
             self._export(step)
             return 0
         finally:
@@ -235,10 +242,12 @@ class SupervisedRun:
 
     def save(self, state: dict[str, Any]) -> Path:
         """A resumable checkpoint step_N (engine state on every rank) plus readable copies of config and position."""
-        directory = checkpoint_dir(self.cfg.checkpoint.save_path, self.cfg.checkpoint.save_dir) / f"step_{state['step']}"
+        save_dir = checkpoint_dir(self.cfg.checkpoint.save_path, self.cfg.checkpoint.save_dir)
+        directory = save_dir / f"step_{state['step']}"
         with self.timers("save"):
             self.policy.call_all("save_checkpoint", str(directory), state)
             self.cfg.save(directory / CONFIG_BESIDE_CHECKPOINT)
             (directory / CHECKPOINT_STATE_FILE).write_text(json.dumps(state, indent=2))
-        self._say(f"checkpoint -> {directory}")
+            rotated = rotate_checkpoints(save_dir, self.cfg.checkpoint.save_total_limit)
+        self._say(f"checkpoint -> {directory}" + (f" (removed {', '.join(p.name for p in rotated)})" if rotated else ""))
         return directory

@@ -117,6 +117,21 @@ class ResourcePlan:
                 lines.append(f"  {('  pool ' + pool).ljust(width)}  {_fmt(cluster.total(pool))}")
         return "\n".join(lines)
 
+    def _colocation_hint(self, cluster: ClusterCapacity) -> str | None:
+        """When the roles (none pinned to a pool) would fit sharing bundles, as colocated roles do (max num_workers
+        bundles of the largest per-rank request), the flags that ask for it; else None."""
+        if len(self.roles) < 2 or any(spec.pool for spec in self.roles.values()):
+            return None
+        workers = max(spec.num_workers for spec in self.roles.values())
+        bundle = {key: max(spec.bundle().get(key, 0.0) for spec in self.roles.values()) for key in RESOURCE_KEYS}
+        shared = {key: workers * value for key, value in bundle.items()}
+        have = cluster.total()
+        if any(shared[key] > have[key] + 1e-9 for key in RESOURCE_KEYS) or not any(
+                all(node.resources.get(k, 0) >= v for k, v in bundle.items() if v) for node in cluster.nodes):
+            return None
+        return (f"colocated, the roles would fit: {workers} × {{{_fmt(bundle)}}} shared by {', '.join(self.roles)}; "
+                f"add --colocate_all (rlhf-ray ppo / grpo) or --reference_placement colocate (rlhf-ray dpo)")
+
     def check(self, cluster: ClusterCapacity) -> None:
         """Raise ValueError when the plan cannot fit: per pool, in total, or one bundle on any single node."""
         problems = []
@@ -145,6 +160,8 @@ class ResourcePlan:
                                        for r in roles)
                     problems.append(f"{where} has {key}={have[key]:g} but the plan needs {key}={wanted[key]:g} "
                                     f"({parts}); lower num_workers / cpus_per_worker / gpus_per_worker or add nodes")
+        if problems and (hint := self._colocation_hint(cluster)):
+            problems.append(hint)
         if problems:
             raise ValueError("the resource plan does not fit the cluster:\n  " + "\n  ".join(problems)
                              + "\n" + self.describe(cluster))

@@ -7,7 +7,8 @@ Protocol: one POST of JSON per batch (or per `batch_size` slice):
     response {"rewards": [float, ...], "metrics": {"name": float, ...}}  # metrics optional
 
 Connection errors, timeouts, HTTP 429 and 5xx are retried `retries` times with exponential backoff; other 4xx
-answers and malformed bodies fail at once (retrying cannot fix them). Server metrics are averaged over slices and
+answers and malformed bodies fail at once (retrying cannot fix them). Every failure is one RemoteRewardError
+naming the URL, the attempts made and what came back (status and first bytes, or the connection error). Server metrics are averaged over slices and
 reported as `reward/remote/<name>`; `reward/remote_attempts` counts the HTTP requests made.
 """
 
@@ -66,7 +67,7 @@ class RemoteReward(RewardSource):
         slices, attempts = 0, 0
         for start in range(0, len(responses), step):
             end = start + step
-            body, tries = self._post({
+            raw, tries = self._post({
                 "prompts": prompts[start:end], "responses": responses[start:end],
                 "gt_answers": gt_answers[start:end],
                 "query": [p + r for p, r in zip(prompts[start:end], responses[start:end])],
@@ -74,61 +75,60 @@ class RemoteReward(RewardSource):
             })
             attempts += tries
             slices += 1
-            rewards.extend(self._parse(body, expected=len(responses[start:end]), offset=start))
-            for key, value in (body.get("metrics") or {}).items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + as_reward(value, f"reward server metric {key!r}")
+            try:
+                body = self._decode(raw, expected=len(responses[start:end]), offset=start)
+            except (TypeError, ValueError) as exc:      # retrying cannot fix a malformed answer
+                raise RemoteRewardError(f"reward server {self.url}, attempt {tries} of {self.retries + 1}: {exc}; "
+                                        f"the answer must be JSON {{\"rewards\": [one number per response]}}") from None
+            rewards.extend(body["rewards"])
+            for key, total in body["metrics"].items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + total
         metrics = {f"reward/remote/{key}": total / slices for key, total in metric_sums.items()}
         metrics["reward/remote_attempts"] = float(attempts)
         return RewardResult(rewards, metrics)
 
-    def _post(self, payload: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    def _post(self, payload: dict[str, Any]) -> tuple[bytes, int]:
+        """(the answer's body, attempts made). Connection errors, timeouts, 408/429/5xx are retried with backoff
+        (`backoff_s`, doubling); other HTTP errors fail at once. Every attempt is bounded by timeout_s."""
         data = json.dumps(payload).encode()
         headers = {"Content-Type": "application/json", **self.headers}
         last_error = "no attempt made"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        for attempt in range(1, self.retries + 2):
+            if attempt > 1:
+                time.sleep(self.backoff_s * 2 ** (attempt - 2))
             request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
-                    raw = reply.read()
+                    return reply.read(), attempt
             except urllib.error.HTTPError as error:
-                detail = error.read()[:300].decode(errors="replace")
+                last_error = f"HTTP {error.code} {error.reason}: {error.read()[:300].decode(errors='replace')!r}"
                 if error.code not in RETRYABLE_STATUS:
-                    raise RemoteRewardError(f"reward server {self.url} refused the request: HTTP {error.code} "
-                                            f"{error.reason}: {detail}") from None
-                last_error = f"HTTP {error.code} {error.reason}: {detail}"
-                continue
+                    raise RemoteRewardError(f"reward server {self.url} refused the request on attempt {attempt}: "
+                                            f"{last_error}") from None
             except TimeoutError:
                 last_error = f"no answer within timeout_s={self.timeout_s}"
-                continue
             except urllib.error.URLError as error:
                 reason = error.reason
                 last_error = (f"no answer within timeout_s={self.timeout_s}" if isinstance(reason, TimeoutError)
                               else f"connection failed: {reason}")
-                continue
             except OSError as error:  # connection reset mid-answer and the like
                 last_error = f"{type(error).__name__}: {error}"
-                continue
-            try:
-                body = json.loads(raw)
-            except json.JSONDecodeError:
-                raise RemoteRewardError(f"reward server {self.url} answered with non-JSON: "
-                                        f"{raw[:200].decode(errors='replace')!r}") from None
-            if not isinstance(body, dict):
-                raise RemoteRewardError(f"reward server {self.url} answered with {type(body).__name__}; expected "
-                                        f'a JSON object {{"rewards": [...]}}')
-            return body, attempt + 1
         raise RemoteRewardError(f"reward server {self.url} failed {self.retries + 1} attempt(s); last error: "
                                 f"{last_error}. Check that it runs and is reachable, or raise timeout_s / retries")
 
-    def _parse(self, body: dict[str, Any], expected: int, offset: int) -> list[float]:
-        rewards = body.get("rewards")
+    def _decode(self, raw: bytes, expected: int, offset: int) -> dict[str, Any]:
+        """{"rewards": [float] * expected, "metrics": {name: float}} from the answer; ValueError/TypeError naming
+        what came back otherwise."""
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"the answer is not JSON (first bytes: {raw[:200].decode(errors='replace')!r})") from None
+        rewards = body.get("rewards") if isinstance(body, dict) else None
         if not isinstance(rewards, list):
-            raise RemoteRewardError(f"reward server {self.url} answered without a 'rewards' list (keys: "
-                                    f"{sorted(body)})")
+            keys = f"keys {sorted(body)}" if isinstance(body, dict) else f"a {type(body).__name__}"
+            raise ValueError(f"the answer has no 'rewards' list ({keys})")
         if len(rewards) != expected:
-            raise RemoteRewardError(f"reward server {self.url} returned {len(rewards)} rewards for {expected} "
-                                    f"responses")
-        return [as_reward(value, f"reward server {self.url} for sample {offset + index}")
-                for index, value in enumerate(rewards)]
+            raise ValueError(f"it returned {len(rewards)} rewards for {expected} responses")
+        return {"rewards": [as_reward(value, f"sample {offset + index}") for index, value in enumerate(rewards)],
+                "metrics": {key: as_reward(value, f"metric {key!r}")
+                            for key, value in (body.get("metrics") or {}).items()}}

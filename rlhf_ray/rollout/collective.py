@@ -21,17 +21,24 @@ import torch
 class BroadcastGroup:
     """One member's handle: rank, world size, and a blocking broadcast from rank 0."""
 
-    def __init__(self, kind: str, rank: int, world_size: int, group_id: str, process_group, store) -> None:
+    def __init__(self, kind: str, rank: int, world_size: int, group_id: str, process_group, store,
+                 timeout: datetime.timedelta = datetime.timedelta(seconds=300)) -> None:
         self.kind = kind
         self.rank = rank
         self.world_size = world_size
         self.group_id = group_id
         self._pg = process_group
         self._store = store            # the TCPStore must outlive the group on the hosting rank
+        self.timeout = timeout
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
-        """In place: rank `src` sends `tensor`, every other rank receives into its own `tensor` (same size)."""
-        self._pg.broadcast(tensor, src).wait()
+        """In place: rank `src` sends `tensor`, every other rank receives into its own `tensor` (same size).
+
+        Waits with the group's timeout and raises when it passes (a member died or never called). With an explicit
+        timeout, torch's NCCL work blocks the host until the broadcast has completed, so the sender may free or
+        reuse `tensor` as soon as this returns.
+        """
+        self._pg.broadcast(tensor, src).wait(self.timeout)
 
     def close(self) -> None:
         shutdown = getattr(self._pg, "shutdown", None) or getattr(self._pg, "abort", None)
@@ -61,12 +68,19 @@ def join_broadcast_group(kind: str, host: str, port: int, rank: int, world_size:
     if kind == "gloo":
         pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
     else:  # pragma: no cover - needs GPUs
-        if device is not None:
-            torch.cuda.set_device(device)
+        device = indexed_cuda_device(device)
+        torch.cuda.set_device(device)
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
         pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
         # a first collective creates the communicator now rather than inside the first weight bucket
-        warm = torch.zeros(1, device=device or torch.device("cuda", torch.cuda.current_device()))
-        pg.broadcast(warm, 0).wait()
-    return BroadcastGroup(kind, rank, world_size, group_id, pg, store)
+        pg.broadcast(torch.zeros(1, device=device), 0).wait(timeout)
+    return BroadcastGroup(kind, rank, world_size, group_id, pg, store, timeout)
+
+
+def indexed_cuda_device(device: torch.device | str | None) -> torch.device:
+    """`device` with its index: cuda:<current> for None or a bare "cuda" (torch.cuda.set_device refuses those)."""
+    device = torch.device(device) if device is not None else torch.device("cuda")
+    if device.type != "cuda":
+        raise ValueError(f"the nccl weight-sync group needs a CUDA device (got {device})")
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())

@@ -46,6 +46,7 @@ class WeightSyncExtension:
         initialize_layerwise_reload(self.model_runner.get_model())
         self._rlhf_updating = True
         self._rlhf_loaded = 0
+        self._rlhf_names: set[str] = set()
         return True
 
     def rlhf_finish_weight_update(self) -> int:
@@ -59,6 +60,7 @@ class WeightSyncExtension:
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(model, self.vllm_config.model_config)
             _rebuild_tied_output_layers(model)
+            _repack_cpu_moe_experts(model, self._rlhf_names)
         # state derived from the old weights (vLLM's own reload_weights resets the same)
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
             if hasattr(self.model_runner, reset):
@@ -74,6 +76,7 @@ class WeightSyncExtension:
         with set_current_vllm_config(self.vllm_config):
             self.model_runner.get_model().load_weights(iter(named))
         self._rlhf_loaded += len(named)
+        self._rlhf_names.update(name for name, _ in named)
         return len(named)
 
     # ------------------------------------------------------------ channels
@@ -142,3 +145,27 @@ def _rebuild_tied_output_layers(model: torch.nn.Module) -> int:
             module.quant_method.process_weights_after_loading(module)
             rebuilt += 1
     return rebuilt
+
+
+def _repack_cpu_moe_experts(model: torch.nn.Module, loaded_names: set[str]) -> int:
+    """Re-run the CPU MoE kernel's weight packing on expert layers this session reloaded.
+
+    vLLM 0.32 packs CPU expert weights (CPUUnquantizedExperts.process_weights_after_loading) only when it builds
+    the kernel; on a reload it copies the new checkpoint-layout weights into the packed storage and skips the
+    packing, so the engine would compute with scrambled experts. Layers left out of the update keep their packed
+    weights and are not touched. Returns the number of layers repacked.
+    """
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    except ImportError:                                  # a vLLM build without CPU MoE kernels
+        return 0
+    # HF expert names <block>.experts.<i>.gate_proj.weight; vLLM's module is <block>.experts[.routed_experts]
+    reloaded = {name.split(".experts.")[0] for name in loaded_names if ".experts." in name}
+    repacked = 0
+    for name, module in model.named_modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts) and name.split(".experts")[0] in reloaded:
+            experts.process_weights_after_loading(module)
+            repacked += 1
+    return repacked

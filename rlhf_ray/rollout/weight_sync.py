@@ -42,6 +42,8 @@ class WeightChannel(ABC):
     kind: str = ""
     #: where pack_bucket puts the flat buffer
     device: torch.device = torch.device("cpu")
+    #: the longest wait for any receiver's answer (join, bucket ack, begin/finish of an update)
+    timeout_s: float = 300.0
 
     def __init__(self) -> None:
         self.receivers: list[Any] = []
@@ -50,6 +52,17 @@ class WeightChannel(ABC):
                 timeout_s: float) -> None:
         """Remember the receivers; broadcast channels also form their group here."""
         self.receivers = list(receivers)
+        self.timeout_s = timeout_s
+
+    def wait(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
+        """The receivers' answers, or a TimeoutError naming `what` after timeout_s (a hung engine never hangs the
+        trainer)."""
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"weight sync ({self.kind}): no answer to {what} from the generator engines within "
+                               f"{self.timeout_s:.0f}s; raise the generator's weight-sync timeout or check the "
+                               f"engines") from None
 
     @abstractmethod
     def send_bucket(self, metadata: list[list], flat: torch.Tensor) -> list[ray.ObjectRef]:
@@ -91,7 +104,7 @@ class BroadcastChannel(WeightChannel):
                  for receiver, offset in zip(self.receivers, offsets)]
         self.group = join_broadcast_group(self.kind, host, port, 0, world_size, group_id, timeout_s,
                                           self._device_for_group())
-        ray.get(joins)
+        self.wait(joins, "joining the broadcast group")
 
     def _device_for_group(self) -> torch.device | None:
         return None
@@ -150,7 +163,8 @@ class WeightSender:
         if not receivers:
             raise RuntimeError("weight sync has no receivers: connect the channel to the generator engines first")
         start = time.perf_counter()
-        ray.get([receiver.begin_weight_update.remote(version) for receiver in receivers])
+        wait = self.channel.wait
+        wait([receiver.begin_weight_update.remote(version) for receiver in receivers], "begin_weight_update")
         window: deque[list[ray.ObjectRef]] = deque()
         total_bytes = tensors = buckets = 0
         for bucket in iter_buckets(weights, self.bucket_bytes):
@@ -162,10 +176,10 @@ class WeightSender:
             window.append(self.channel.send_bucket(metadata, flat))
             del flat
             while len(window) >= self.max_buckets_in_flight:
-                ray.get(window.popleft())
+                wait(window.popleft(), f"bucket {buckets - len(window)}")
         while window:
-            ray.get(window.popleft())
-        ray.get([receiver.finish_weight_update.remote(version) for receiver in receivers])
+            wait(window.popleft(), "the last buckets")
+        wait([receiver.finish_weight_update.remote(version) for receiver in receivers], "finish_weight_update")
         seconds = time.perf_counter() - start
         return {"weight_sync/bytes": float(total_bytes), "weight_sync/tensors": float(tensors),
                 "weight_sync/buckets": float(buckets), "weight_sync/seconds": seconds,

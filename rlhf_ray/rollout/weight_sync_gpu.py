@@ -48,5 +48,7 @@ class CudaIpcChannel(WeightChannel):  # pragma: no cover - needs a GPU
         torch.cuda.synchronize(self.device)           # the packing copies must land before another process reads
         handle = ipc_handle_to_bytes(flat)
         acks = [receiver.load_ipc_weight_bucket.remote(metadata, handle) for receiver in self.receivers]
-        ray.get(acks)                                  # receivers copied out: flat may be freed by the caller
+        # Receivers copied out: flat may be freed by the caller. A receiver that died or hangs raises
+        # TimeoutError here instead of holding the trainer (and its GPU buffer) forever.
+        self.wait(acks, "a CUDA IPC bucket")
         return acks

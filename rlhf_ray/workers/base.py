@@ -30,14 +30,18 @@ class RankedWorker:
         return ray.util.get_node_ip_address(), free_port()
 
     def setup_distributed(self, master_addr: str, master_port: int, backend: str | None = None,
-                          timeout_s: float = 300.0) -> str:
-        """Join the default process group (gloo on CPU, nccl when a GPU is visible)."""
+                          timeout_s: float = 1800.0) -> str:
+        """Join the default process group: gloo on CPU; with a GPU visible, NCCL for CUDA tensors and gloo for CPU
+        ones (engines/collectives.py). timeout_s bounds every collective and barrier on it; torch's own default of
+        30 minutes, because ranks wait at a barrier while rank 0 writes a large model's checkpoint or export."""
         import datetime
 
         import torch
         import torch.distributed as dist
 
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        from rlhf_ray.engines.collectives import process_group_backend
+
+        backend = backend or process_group_backend(torch.cuda.is_available())
         os.environ["MASTER_ADDR"] = master_addr
         os.environ["MASTER_PORT"] = str(master_port)
         if not dist.is_initialized():

@@ -228,14 +228,15 @@ class GeneratorGroup:
             self._mark_synced(targets, version)
             return {**stats, "weight_sync/engines": float(len(targets))}
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> dict[str, float]:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int,
+                     timeout_s: float = 300.0) -> dict[str, float]:
         """Stream weights held by this (driver) process to every live engine through the object store, e.g. a
-        checkpoint read from disk. Same session protocol as a trainer sync."""
+        checkpoint read from disk. Same session protocol as a trainer sync; timeout_s bounds each wait."""
         with self._lock:
             self.wait_until_settled()
             targets = self._usable()
             channel = ObjectStoreChannel()
-            channel.connect([self.workers.actor(e.rank) for e in targets], [1] * len(targets), "driver", 0.0)
+            channel.connect([self.workers.actor(e.rank) for e in targets], [1] * len(targets), "driver", timeout_s)
             try:
                 stats = WeightSender(channel, int(self.section.weight_sync_bucket_mb * (1 << 20))).send(weights,
                                                                                                          version)

@@ -26,12 +26,23 @@ from typing import Any, Callable, Iterator
 import torch
 
 from rlhf_ray.config.sections import ModelSection, ParallelSection, TrainSection
+from rlhf_ray.engines.collectives import all_reduce_sums
 from rlhf_ray.models.loading import count_parameters
 from rlhf_ray.workers.base import RankedWorker
 from rlhf_ray.utils import split_evenly
 from rlhf_ray.workers.objectives import build_objective
 
 MODEL_KINDS = ("causal_lm", "value")
+
+
+class NonFiniteStepsError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient (TrainSection.max_consecutive_bad_steps)."""
+
+    @staticmethod
+    def message(exc: BaseException) -> str:
+        """The rank's own message: Ray re-raises it on the driver as a RayTaskError that is also an instance of
+        this class, whose str() carries the remote traceback; `cause` is the original."""
+        return str(getattr(exc, "cause", None) or exc)
 
 
 class TrainerWorker(RankedWorker):
@@ -56,6 +67,8 @@ class TrainerWorker(RankedWorker):
         self.model: torch.nn.Module | None = None   # frozen mode only
         self.objective = None
         self.tokenizer = None
+        self.skipped_steps = 0                      # optimizer steps skipped for a non-finite gradient, this run
+        self.bad_steps_in_a_row = 0
 
     # ------------------------------------------------------------ construction
     def _load_tokenizer(self):
@@ -112,11 +125,9 @@ class TrainerWorker(RankedWorker):
         """Sum over the data-parallel ranks (tensor-parallel ranks share a shard, so the world sum / tp)."""
         import torch.distributed as dist
 
-        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        if self.world_size == 1 or not dist.is_initialized():
             return local
-        total = torch.tensor([local], dtype=torch.float64)
-        dist.all_reduce(total)
-        return total.item() / self.parallel_cfg.tp
+        return all_reduce_sums([local], self.engine.device)[0] / self.parallel_cfg.tp
 
     def _accumulated_step(self, micro_batches: list[dict], count_units: Callable[[dict], float],
                           loss_fn: Callable[[torch.nn.Module, dict, float], tuple[torch.Tensor, dict[str, float]]],
@@ -141,9 +152,29 @@ class TrainerWorker(RankedWorker):
                 if key != "loss":  # the engine's unscaled `loss` is loss_sum * scale; the sums carry the truth
                     sums[key] += float(value)
         optim = self.engine.optimizer_step()
+        self._count_skipped_step(optim)
         return {"sums": dict(sums), "units": float(sum(local_units)),
                 "tokens": float(sum(count_tokens(batch) for batch in micro_batches)),
-                "time_s": time.perf_counter() - started, **{k: float(v) for k, v in optim.items()}}
+                "time_s": time.perf_counter() - started, "skipped_steps": float(self.skipped_steps),
+                **{k: float(v) for k, v in optim.items()}}
+
+    def _count_skipped_step(self, optim: dict[str, float]) -> None:
+        """The engine skipped the step when the global grad norm was not finite (a NaN loss on any rank makes it
+        so), and every rank sees that norm, so every rank counts alike and stops alike. Under fp16 an overflow skip
+        is loss scaling at work: it counts toward the stop only once the scaler can back off no further."""
+        skipped = bool(optim.get("skipped"))
+        scaler = self.engine.scaler
+        self.skipped_steps += skipped
+        self.bad_steps_in_a_row = self.bad_steps_in_a_row + 1 if skipped and (
+            scaler is None or scaler.scale <= scaler.min_scale) else 0
+        limit = self.train_cfg.max_consecutive_bad_steps
+        if limit and self.bad_steps_in_a_row >= limit:
+            raise NonFiniteStepsError(
+                f"optimizer step {self.engine.global_step}: {self.bad_steps_in_a_row} steps in a row were skipped "
+                f"because the loss or gradient norm was not finite (grad_norm {optim.get('grad_norm')}); stopping "
+                f"rather than training on broken numbers. The last checkpoint is untouched: lower --lr, check the "
+                f"data of these steps, or use --mixed_precision bf16 instead of fp16; --max_consecutive_bad_steps "
+                f"sets this limit (0 never stops)")
 
     @staticmethod
     def _attach_reference_logps(rows: list[dict], ref_logps: list[tuple[float, float]] | None) -> list[dict]:
@@ -273,7 +304,7 @@ def merge_step_results(results: list[dict[str, Any]], tp_size: int = 1) -> dict[
         merged["tokens"] = float(sum(r["tokens"] for r in counted))
     if "time_s" in results[0]:
         merged["time_s"] = max(r["time_s"] for r in results)
-    for key in ("grad_norm", "lr", "skipped", "loss_scale"):
+    for key in ("grad_norm", "lr", "skipped", "skipped_steps", "loss_scale"):
         if key in results[0]:
             merged[key] = results[0][key]
     return merged

@@ -115,16 +115,28 @@ def test_truncations_and_drops_are_counted(tmp_path):
                       {"from": "human", "content": "bye"}]},
         {"messages": [{"from": "human", "content": "only a question"}]},
         {"messages": [{"from": "human", "content": "a " * 80}, {"from": "assistant", "content": "ok"}]},
+        # its trailing question is removed, then it is dropped as too long: not counted as truncated
+        {"messages": [{"from": "human", "content": "a " * 80}, {"from": "assistant", "content": "ok"},
+                      {"from": "human", "content": "bye"}]},
     ]
     path = tmp_path / "in.json"
     path.write_text(json.dumps(rows))
     assert main(["--type", "sft", "--input", str(path), "--output", str(tmp_path / "out"), "--max_length", "32",
                  *TINY]) == 0
     summary = load_summary(tmp_path / "out")
-    _check_accounting(summary, 4)
+    _check_accounting(summary, 5)
     assert summary["kept"] == 2
-    assert summary["dropped"] == {"no_assistant_turn": 1, "no_response_within_max_length": 1}
+    assert summary["dropped"] == {"no_assistant_turn": 1, "no_response_within_max_length": 2}
     assert summary["truncated"] == {"trailing_human_turn_removed": 1}
+
+
+def test_num_proc_is_capped_at_the_rows_with_a_note(tmp_path, capsys):
+    files = write_demo_data(tmp_path / "in", n=1)           # one row: one process, no pool started
+    assert main(["--type", "sft", "--input", str(files["sft"]), "--output", str(tmp_path / "out"), "--num_proc", "64",
+                 *TINY]) == 0
+    assert load_summary(tmp_path / "out")["num_proc"] == 1
+    assert "note: --num_proc 64 is more than the 1 rows or" in capsys.readouterr().out
+    assert len(list((tmp_path / "out" / "arrow").iterdir())) == 1
 
 
 def test_template_config_is_written_back_on_first_run(tmp_path):
@@ -177,6 +189,9 @@ def test_existing_output_is_kept_unless_overwrite_and_a_crash_leaves_nothing(tmp
         main([*args, "--overwrite"])
     assert load_summary(out)["kept"] == 6  # the earlier complete output is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no temporary directory left
+    monkeypatch.undo()
+    assert main([*args, "--max_rows", "4", "--overwrite"]) == 0       # an earlier prepare output is replaced
+    assert load_summary(out)["kept"] == 4
 
 
 def test_config_errors_exit_2_and_seed_aliases_work(tmp_path, capsys):

@@ -170,6 +170,14 @@ class RewardSection(ResourcesSection):
     reward_timeout_s: float = Field(60.0, gt=0, description="remote reward: seconds per request")
     reward_retries: int = Field(3, ge=0, description="remote reward: retries after a failed request")
 
+    @field_validator("reward_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        # checked with the config, before Ray starts, not when the source is built inside the run
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("the remote reward server is reached over HTTP: give http://host:port/path or https://...")
+        return value
+
     @property
     def rm_path(self) -> str | None:
         return self.rm_checkpoint_path or self.rm_pretrain

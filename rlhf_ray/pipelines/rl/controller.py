@@ -30,7 +30,7 @@ import ray
 import torch
 
 from rlhf_ray.buffer.replay_buffer import ReplayBuffer
-from rlhf_ray.checkpoint.atomic import atomic_directory
+from rlhf_ray.checkpoint.atomic import atomic_directory, rotate_checkpoints
 from rlhf_ray.checkpoint.layout import CONFIG_BESIDE_CHECKPOINT, checkpoint_dir
 from rlhf_ray.config.base import ConfigError
 from rlhf_ray.pipelines.rl.async_mode import AsyncCollector
@@ -39,9 +39,25 @@ from rlhf_ray.pipelines.rl.experience import (AdvantageSettings, build_experienc
                                               kl_controller_from, reward_model_inputs, scoring_batch)
 from rlhf_ray.pipelines.rl.metrics import merge_update_results
 from rlhf_ray.rewards.base import RewardBatch
+from rlhf_ray.telemetry.progress import progress
 from rlhf_ray.telemetry.timers import Timers
 
 RL_STATE_FILE = "rl_state.json"
+
+
+def first_samples(texts: RewardBatch, rewards: list[float], lengths: list[int], prompts: int = 3,
+                  per_prompt: int = 4) -> list[dict]:
+    """The first `per_prompt` samples of the first `prompts` prompts (rows are prompt-major), as logged records."""
+    records, seen = [], []
+    for prompt, response, reward, length in zip(texts.prompts, texts.responses, rewards, lengths):
+        if not seen or seen[-1][0] != prompt:
+            seen.append([prompt, 0])
+        if len(seen) > prompts:
+            break
+        if seen[-1][1] < per_prompt:
+            seen[-1][1] += 1
+            records.append({"prompt": prompt, "response": response, "reward": float(reward), "length": int(length)})
+    return records
 
 
 class RLController:
@@ -66,6 +82,7 @@ class RLController:
         self.version = 0                   # policy version = weight syncs so far; episode e trains at version e
         self.start_episode = 0
         self.startup_metrics: dict[str, float] = {}   # timing/startup etc., logged with the first episode
+        self.last_samples: list[dict] = []            # a few scored responses of the latest collect step
 
     # ------------------------------------------------------------ 1. collect
     def collect_episode(self, episode: int) -> dict[str, float]:
@@ -94,7 +111,8 @@ class RLController:
         """Stage 1c: every scorer starts before any result is awaited. Sets scores, ref_logprobs, values,
         old_logprobs on `experience`; returns the reward metrics."""
         groups, batch = self.groups, scoring_batch(experience)
-        reward = self.reward_source.score_async(self._reward_batch(experience, rollouts, rows))
+        texts = self._reward_batch(experience, rollouts, rows)
+        reward = self.reward_source.score_async(texts)
         pending = {}
         if groups.reference is not None:
             pending["ref_logprobs"] = groups.reference.call_rows_async("compute_response_logprobs", batch,
@@ -109,6 +127,7 @@ class RLController:
             setattr(experience, name, torch.cat(ray.get(refs)))
         result = reward.result()
         experience.scores = torch.tensor(result.rewards, dtype=torch.float32)
+        self.last_samples = first_samples(texts, result.rewards, experience.response_mask.sum(-1).tolist())
         metrics = dict(result.metrics)
         mask = experience.response_mask.bool()
         if experience.old_logprobs is not None:
@@ -169,6 +188,8 @@ class RLController:
         if cfg.rl.async_mode:
             collector = AsyncCollector(self.collect_episode, self.start_episode, cfg.rl.num_episodes,
                                        cfg.rl.max_staleness, self.version).start()
+        bar = progress(total=cfg.rl.num_episodes, desc=self.job, enabled=cfg.logging.progress, unit="episode")
+        bar.update(self.start_episode)
         try:
             for episode in range(self.start_episode, cfg.rl.num_episodes):
                 start = time.perf_counter()
@@ -183,10 +204,14 @@ class RLController:
                            **self.startup_metrics}
                 if (episode + 1) % cfg.logging.log_interval == 0 or episode + 1 == cfg.rl.num_episodes:
                     self.tracker.log(metrics, step=episode + 1)
+                    self.tracker.log_samples(self.last_samples, step=episode + 1)
                     self.startup_metrics = {}
                 if cfg.checkpoint.save_interval and (episode + 1) % cfg.checkpoint.save_interval == 0:
                     print(f"[{self.job}] checkpoint -> {self.save_checkpoint(episode + 1)}", flush=True)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3g}")
         finally:
+            bar.close()
             if collector:
                 collector.stop()
         done, interval = cfg.rl.num_episodes, cfg.checkpoint.save_interval
@@ -203,7 +228,8 @@ class RLController:
                 "prompts_per_collect": self.plan.prompts_per_collect}
 
     def save_checkpoint(self, episodes_done: int) -> Path:
-        """step_<episodes>/ {policy/, critic/, rl_state.json, config}: written atomically (COMPLETE marker)."""
+        """step_<episodes>/ {policy/, critic/, rl_state.json, config}: written atomically (manifest, COMPLETE marker);
+        then only the newest --save_total_limit step_N directories are kept."""
         directory = self.checkpoint_dir() / f"step_{episodes_done}"
         state = self._state(episodes_done)
         with atomic_directory(directory) as tmp:
@@ -212,6 +238,7 @@ class RLController:
                     group.call_all("save_checkpoint", str(tmp / name), state)
             (tmp / RL_STATE_FILE).write_text(json.dumps(state, indent=2))
             self.cfg.save(tmp / CONFIG_BESIDE_CHECKPOINT)
+        rotate_checkpoints(self.checkpoint_dir(), self.cfg.checkpoint.save_total_limit)
         return directory
 
     def resume(self, directory: Path) -> None:

@@ -108,6 +108,7 @@ def _run(cfg, job, data, tokenizer, ids, resume_from, prog) -> int:
     from rlhf_ray.pipelines.rl.roles import check_plan, plan_roles, release_bundles, reserve_bundles
     from rlhf_ray.placement import connect_ray, disconnect_ray
     from rlhf_ray.telemetry.tracker import build_tracker
+    from rlhf_ray.workers.trainer import NonFiniteStepsError
 
     start = time.perf_counter()
     started_ray = connect_ray()
@@ -135,7 +136,11 @@ def _run(cfg, job, data, tokenizer, ids, resume_from, prog) -> int:
                 return _fail(prog, str(exc))
             print(f"[{job}] resumed from {resume_from}: episode {controller.start_episode}, policy version "
                   f"{controller.version}", flush=True)
-        controller.run()
+        try:
+            controller.run()
+        except NonFiniteStepsError as exc:            # the checkpoints written so far stay; one message, exit 1
+            print(f"{prog}: {NonFiniteStepsError.message(exc)}", file=sys.stderr)
+            return 1
         print(f"[{job}] HF policy -> {controller.export()}", flush=True)
         return 0
     finally:

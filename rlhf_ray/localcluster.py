@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf_ray.utils import free_port
+
 # Token auth is Ray's default for `ray start`; nodes and clients must agree, so both get it explicitly (the token
 # itself is ~/.ray/auth_token, created on first use; `ray get-auth-token --generate` makes one).
 AUTH_MODE = os.environ.get("RAY_AUTH_MODE", "token")
@@ -29,12 +31,6 @@ LOG_DIR = STATE_FILE.parent / "local_cluster_logs"
 
 def _ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
-
-
-def _free_port() -> int:
-    from rlhf_ray.utils import free_port
-
-    return free_port()
 
 
 @dataclass
@@ -51,7 +47,7 @@ class LocalCluster:
         import ray
 
         ip = ray.util.get_node_ip_address()
-        port, dash_port = _free_port(), _free_port()
+        port, dash_port = free_port(), free_port()
         head = [_ray_bin(), "start", "--head", "--block", f"--port={port}", f"--num-cpus={self.head_cpus:g}",
                 "--labels=pool=head", "--disable-usage-stats", f"--include-dashboard={str(self.dashboard).lower()}",
                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}"]
@@ -74,8 +70,8 @@ class LocalCluster:
 
     def _spawn(self, cmd: list[str]) -> int:
         # Several nodes on one host: give each its own agent/metrics ports (the defaults are fixed and collide).
-        cmd = cmd + [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-                     f"--runtime-env-agent-port={_free_port()}"]
+        cmd = cmd + [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+                     f"--runtime-env-agent-port={free_port()}"]
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": AUTH_MODE,
                # a busy small machine can take longer than Ray's default to register a node
                "RAY_raylet_start_wait_time_s": "180", **self.env}

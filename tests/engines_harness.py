@@ -47,12 +47,12 @@ def value_loss(model, batch):
 
 def make_engine(model_dir: str | Path, plugin: str = "ddp", *, world: int = 1, tp: int = 1, precision: str = "fp32",
                 accumulation: int = ACCUMULATION, lora_rank: int = 0, value: bool = False, merge_lora: bool = True,
-                total_steps: int = 10, grad_clip: float = 1.0, grad_checkpoint: bool = False):
+                total_steps: int = 10, grad_clip: float = 1.0, grad_checkpoint: bool = False, meta_init: bool = True):
     model_cfg = ModelSection(pretrain=str(model_dir), lora_rank=lora_rank, lora_alpha=8,
                              merge_lora_weights=merge_lora, grad_checkpoint=grad_checkpoint)
     train = TrainSection(lr=2e-3, accumulation_steps=accumulation, warmup_steps=2, mixed_precision=precision,
                          weight_decay=0.1, grad_clip=grad_clip, seed=7)
-    parallel = ParallelSection(plugin=plugin, num_workers=world, tp=tp)
+    parallel = ParallelSection(plugin=plugin, num_workers=world, tp=tp, meta_init=meta_init)
     if value:
         factory = lambda: load_value_model(model_cfg, seed=train.seed)  # noqa: E731
     else:

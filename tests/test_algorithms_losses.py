@@ -47,7 +47,12 @@ def loop_gspo_loss(logprobs, old_logprobs, advantages, mask, low, high, mode):
     return loop_aggregate(token_losses, mask, mode)
 
 
-REFERENCES = {"ppo", "gspo"}  # every registered policy loss must have a loop reference below
+def loop_cispo_token_loss(logprob, old_logprob, advantage, low, high):
+    """Value of -sg[clip(ratio)] * A * logprob; its gradient in logprob is -clip(ratio) * A."""
+    return -min(max(math.exp(logprob - old_logprob), 1 - low), 1 + high) * advantage * logprob
+
+
+REFERENCES = {"ppo", "gspo", "cispo"}  # every registered policy loss must have a loop reference below
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -127,6 +132,38 @@ def test_gspo_gradient_equals_sequence_level_objective():
     assert torch.allclose(logprobs.grad, independent.grad, atol=1e-9)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_cispo_loss_and_gradient_match_loop(mode):
+    logprobs, old_logprobs, advantages, mask = rollout_tensors(7)
+    params = PolicyLossParams(clip_ratio_low=0.2, clip_ratio_high=0.28)
+    trainable = logprobs.clone().requires_grad_(True)
+    loss, metrics = compute_policy_loss("cispo", trainable, old_logprobs, advantages, mask, params,
+                                        LossAggregation(mode))
+    rows = list(zip(logprobs.tolist(), old_logprobs.tolist(), advantages.tolist()))
+    token_losses = [[loop_cispo_token_loss(a, b, c, 0.2, 0.28) for a, b, c in zip(*row)] for row in rows]
+    assert loss.item() == pytest.approx(loop_aggregate(token_losses, mask.tolist(), mode), abs=1e-6)
+    # Gradient: the loop loss with the weight held constant, through plain autograd on each token.
+    independent = logprobs.clone().requires_grad_(True)
+    weight = torch.exp(logprobs - old_logprobs).clamp(0.8, 1.28)
+    token_loss = -weight * advantages * independent
+    if mode == "token-mean":
+        reference = (token_loss * mask).sum() / mask.sum()
+    else:
+        per_row = (token_loss * mask).sum(-1)
+        counts = mask.sum(-1)
+        if mode == "seq-mean-token-mean":
+            per_row = per_row / counts.clamp(min=1)
+        reference = per_row[counts > 0].mean()
+    loss.backward()
+    reference.backward()
+    assert torch.allclose(trainable.grad, independent.grad, atol=1e-9)
+    # No token's gradient is cut: every kept token with a non-zero advantage moves.
+    assert torch.all(trainable.grad[(mask > 0) & (advantages != 0)] != 0)
+    kept = [(a, b) for row, m_row in zip(rows, mask.tolist()) for a, b, _, m in zip(*row, m_row) if m]
+    clipped = [not 0.8 <= math.exp(a - b) <= 1.28 for a, b in kept]
+    assert 0 < sum(clipped) and metrics["policy/clip_frac"] == pytest.approx(sum(clipped) / len(kept), abs=1e-9)
+
+
 def test_every_registered_policy_loss_is_checked_and_well_formed():
     assert set(POLICY_LOSSES.names()) == REFERENCES, "add a loop reference test for the new policy loss"
     logprobs, old_logprobs, advantages, mask = rollout_tensors(4)
@@ -138,14 +175,19 @@ def test_every_registered_policy_loss_is_checked_and_well_formed():
         assert all(isinstance(v, float) for v in metrics.values())
         loss.backward()
         assert torch.all(trainable.grad[mask == 0] == 0)
-        # On-policy (ratio 1) the loss is -aggregate(advantages) for every loss.
-        on_policy, _ = compute_policy_loss(name, old_logprobs, old_logprobs, advantages, mask)
-        expected = loop_aggregate((-advantages).tolist(), mask.tolist(), "token-mean")
+        # On-policy (ratio 1) every loss has the policy gradient -A / tokens per kept token; the ratio losses
+        # also have the value -aggregate(advantages) (CISPO's value is -aggregate(A * logprobs)).
+        at_old = old_logprobs.clone().requires_grad_(True)
+        on_policy, _ = compute_policy_loss(name, at_old, old_logprobs, advantages, mask)
+        on_policy.backward()
+        assert torch.allclose(at_old.grad, -advantages * mask / mask.sum(), atol=1e-12)
+        scale = old_logprobs if name == "cispo" else torch.ones_like(advantages)
+        expected = loop_aggregate((-advantages * scale).tolist(), mask.tolist(), "token-mean")
         assert on_policy.item() == pytest.approx(expected, abs=1e-9)
 
 
 def test_policy_loss_errors_name_the_setting():
-    with pytest.raises(ValueError, match="known: gspo, ppo"):
+    with pytest.raises(ValueError, match="known: cispo, gspo, ppo"):
         POLICY_LOSSES.get("ppo2")
     with pytest.raises(ValueError, match="dual_clip must be > 1.0"):
         PolicyLossParams(dual_clip=0.5)
@@ -228,7 +270,7 @@ def test_kl_loss_matches_loop(estimator):
     assert metrics["policy/kl"] == pytest.approx(loop_aggregate(per_token, mask.tolist(), "token-mean"), abs=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ppo", "gspo"])
+@pytest.mark.parametrize("name", ["ppo", "gspo", "cispo"])
 def test_policy_loss_sharded_over_two_ranks_equals_unsharded(name):
     """Two data-parallel ranks with uneven shards, each normalising by the global token count and dp_size: the
     average of their losses and of their gradients (what DDP computes) equals the whole-batch loss and gradient."""

@@ -144,6 +144,23 @@ def test_sharded_aggregation_equals_unsharded(mode):
         assert not torch.allclose(naive, full_loss.detach(), **TOL)
 
 
+def test_seq_mean_token_sum_norm_is_the_token_sum_over_a_constant(data):
+    """Dr. GRPO: every kept token / (sequences with a token × L), L fixed (not the padded width), sharding exact."""
+    values, mask = data
+    rows = [[v for v, m in zip(vr, mr) if m] for vr, mr in zip(as_rows(values), as_rows(mask))]
+    expected = sum(map(sum, rows)) / (sum(1 for r in rows if r) * 32)
+    loss = aggregate_loss(values, mask, "seq-mean-token-sum-norm", max_response_len=32)
+    assert loss.item() == pytest.approx(expected, abs=1e-9)
+    padded = torch.nn.functional.pad(values, (0, 5)), torch.nn.functional.pad(mask, (0, 5))
+    assert aggregate_loss(*padded, "seq-mean-token-sum-norm", max_response_len=32).item() == pytest.approx(expected)
+    num_tokens, num_sequences = count_tokens_and_sequences(mask)
+    shards = [LossAggregation("seq-mean-token-sum-norm", num_tokens, num_sequences, dp_size=2,
+                              max_response_len=32)(values[rows_], mask[rows_]) for rows_ in (slice(0, 2), slice(2, 9))]
+    assert (sum(shards) / 2).item() == pytest.approx(expected, abs=1e-9)
+    with pytest.raises(ValueError, match="needs max_response_len"):
+        aggregate_loss(values, mask, "seq-mean-token-sum-norm")
+
+
 def test_aggregation_refuses_bad_input(data):
     values, mask = data
     with pytest.raises(ValueError, match="token-mean"):

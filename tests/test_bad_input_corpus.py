@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import re
+import shutil
 
 import pytest
 
@@ -67,6 +68,8 @@ def world(tmp_path_factory):
     (root / "bad" / "bad_utf8.jsonl").write_bytes(_jsonl(GOOD, GOOD).encode() + b'{"messages": "\xff"}\n')
     whole = gzip.compress(_jsonl(*[GOOD] * 3000).encode())
     (root / "bad" / "cut.jsonl.gz").write_bytes(whole[:len(whole) // 2])
+    shutil.copytree(root / "model", root / "plain")                 # a base model: its tokenizer has no chat template
+    (root / "plain" / "chat_template.jinja").unlink()
     (root / "nodata").mkdir()
     (root / "nodata" / "readme.txt").write_text("not data")
     for step in (1, 2):
@@ -151,6 +154,11 @@ CASES = [
      r"template_type.json: field 'chat_template': Input should be a valid string"),
     ("tokenizer-missing", prepare("sft", "{w}/in/sft.jsonl", "--tokenizer_dir", "{w}/nope"), 1,
      r"--tokenizer_dir .*nope: no such directory"),
+    ("tokenizer-without-chat-template", prepare("sft", "{w}/in/sft.jsonl", "--tokenizer_dir", "{w}/plain"), 1,
+     r"--tokenizer_dir .*plain: the tokenizer has no chat template and no --conversation_template_config was given"),
+    ("rl-chat-prompts-without-template", ["grpo", "--pretrain", "{w}/plain", "--prompt_dataset", "{w}/prompt",
+                                          "--reward_source", "arithmetic"], 2,
+     r"--pretrain .*plain: the tokenizer has no chat template .*pass --conversation_template_config"),
     # --- CLI values ---------------------------------------------------------------------------------------------
     ("max-length-too-small", prepare("sft", "{w}/in/sft.jsonl", "--max_length", "4", *TINY), 2,
      r"--max_length \(prepare.max_length\): Input should be greater than or equal to 8 \(got '4'\)"),

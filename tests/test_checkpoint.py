@@ -33,6 +33,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
             (tmp / "weights").write_text("v2-partial")
             raise RuntimeError("killed mid-save")
     assert (target / "weights").read_text() == "v1" and is_complete(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]      # the failed write left nothing behind
     with atomic_directory(target) as tmp:                       # the stale temp dir is cleared and replaced
         (tmp / "weights").write_text("v2")
     assert (target / "weights").read_text() == "v2"

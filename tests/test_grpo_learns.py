@@ -63,3 +63,34 @@ def test_grpo_raises_a_verifiable_reward_from_scratch(ray_cluster, tiny_model_di
     state = json.loads((tmp_path / "policy-checkpoints" / "step_20" / "rl_state.json").read_text())
     assert state["episode"] == episodes and state["policy_version"] == episodes
     assert (tmp_path / "policy" / "config.json").is_file()
+
+
+def test_grpo_async_with_dapo_and_off_policy_correction_runs_end_to_end(ray_cluster, tiny_model_dir, tmp_path):
+    """The wiring of DAPO's dynamic sampling and overlong handling and of the off-policy correction (on by default in
+    async mode) through the controller and the trainer ranks: a short async run whose metrics carry each piece."""
+    from rlhf_ray.pipelines import grpo
+
+    prompts = prepare_prompts(tiny_model_dir, tmp_path / "prompts")
+    episodes = 3
+    status = grpo.main([
+        "--pretrain", str(tiny_model_dir), "--prompt_dataset", str(prompts), "--reward_fn", REWARD_FN,
+        "--conversation_template_config", TEMPLATE, "--colocate_policy_reference",
+        "--n_samples_per_prompt", "4", "--max_new_tokens", "4", "--max_prompt_len", "32", "--kv_cache_gib", "0.25",
+        "--num_episodes", str(episodes), "--experience_batch_size", "4", "--train_batch_size", "8",
+        "--accumulation_steps", "2", "--lr", "5e-3", "--warmup_steps", "0", "--kl_coef", "0.001",
+        "--async_mode", "--max_staleness", "1", "--rollout_rs", "token", "--rollout_rs_threshold", "5",
+        "--filter_groups", "true", "--max_num_gen_batches", "3", "--overlong_filter", "true",
+        "--overlong_buffer_len", "2", "--loss_agg_mode", "seq-mean-token-sum-norm", "--policy_loss", "cispo",
+        "--clip_ratio_low", "0.99", "--clip_ratio_high", "4",
+        "--save_path", str(tmp_path / "policy"), "--log_dir", str(tmp_path / "log"), "--tensorboard", "false"])
+    assert status == 0
+    rows = read_jsonl_metrics(tmp_path / "log" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == list(range(1, episodes + 1))
+    for row in rows:
+        assert 1 <= row["dynamic_sampling/rounds"] <= 3
+        assert row["dynamic_sampling/groups_kept"] + row["dynamic_sampling/padded_groups"] == 4
+        assert 0 <= row["rollout/overlong_filtered_frac"] <= 1 and row["reward/overlong_penalty_mean"] <= 0
+        # async: the proximal policy (recomputed at the update) against the sampler's log-probs, one version older
+        assert row["rollout_corr/is_weight_max"] <= 2.0 + 1e-6 and 0 <= row["rollout_corr/masked_token_frac"] <= 1
+        assert row["rollout_corr/logprob_gap"] >= 0
+    assert rows[0]["rollout_corr/logprob_gap"] < 1e-3      # episode 0 trains on samples of the same weights

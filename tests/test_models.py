@@ -27,6 +27,14 @@ def test_sdpa_by_default_and_a_logged_fallback_for_flash_attention(caplog):
     assert "--use_flash_attn" in caplog.text and "SDPA" in caplog.text
 
 
+def test_flash_attention_only_for_a_half_precision_forward(monkeypatch, caplog):
+    monkeypatch.setattr("rlhf_ray.models.loading.flash_attn_available", lambda: True)   # as on a CUDA machine
+    assert resolve_attn_implementation(True, torch.bfloat16) == "flash_attention_2"
+    with caplog.at_level(logging.WARNING):
+        assert resolve_attn_implementation(True, torch.float32) == "sdpa"   # flash-attn has no fp32 kernels
+    assert "--mixed_precision fp32" in caplog.text
+
+
 def test_causal_lm_loads_in_the_asked_dtype_with_sdpa(tiny_model_dir):
     model = load_causal_lm(cfg(tiny_model_dir), "bf16", for_training=False)
     assert next(model.parameters()).dtype == torch.bfloat16

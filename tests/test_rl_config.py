@@ -197,3 +197,41 @@ def test_colocated_roles_in_different_pools_are_refused(tiny_model_dir):
     cfg = _cfg(PPOConfig, tiny_model_dir, "--pool", "train", "--ref_pool", "infer", "--colocate_policy_reference")
     with pytest.raises(ConfigError, match=r"pinned to different pools \['infer', 'train'\]"):
         plan_roles(cfg, active_roles(cfg))
+
+
+def test_off_policy_correction_is_on_by_default_in_async_mode_only(tiny_model_dir):
+    from rlhf_ray.pipelines.rl.groups import loss_settings
+
+    layout = ["--experience_batch_size", "2", "--train_batch_size", "8", "--accumulation_steps", "1"]
+    sync = loss_settings(_cfg(GRPOConfig, tiny_model_dir, *layout))
+    assert sync.rollout_is is None and sync.rollout_rs is None and not sync.rollout_correction.enabled
+    cfg = _cfg(GRPOConfig, tiny_model_dir, *layout, "--async_mode", "true")
+    assert loss_settings(cfg).rollout_is == "token" and loss_settings(cfg).rollout_is_threshold == 2.0
+    assert any("decoupled objective" in note for note in check_rl_config(cfg, "grpo"))
+    off = loss_settings(_cfg(GRPOConfig, tiny_model_dir, *layout, "--async_mode", "true", "--rollout_is", "none"))
+    assert off.rollout_is is None
+    icepop = loss_settings(_cfg(GRPOConfig, tiny_model_dir, *layout, "--rollout_rs", "token",
+                                "--rollout_rs_threshold", "5", "--rollout_rs_threshold_lower", "0.5"))
+    assert icepop.rollout_correction.band == (0.5, 5.0) and icepop.rollout_is is None
+
+
+@pytest.mark.parametrize("flags, refused", [
+    (["--async_mode", "true", "--top_p", "0.9"], "--top_p 0.9"),
+    (["--async_mode", "true", "--top_k", "20"], "--top_k 20"),
+    (["--old_logprobs_source", "rollout", "--temperature", "0.7", "--logprobs_mode", "raw"],
+     "--temperature 0.7 with --logprobs_mode raw"),
+    (["--rollout_is", "token", "--top_p", "0.5"], "--top_p 0.5"),
+    (["--rollout_is", "token", "--old_logprobs_source", "rollout"], "makes them the same"),
+    (["--async_mode", "true", "--rollout_is", "none", "--kl_mode", "reward", "--top_k", "5"], "--top_k 5"),
+    (["--top_p", "0.9"], None),                               # sync, trainer old log-probs: nothing trains on them
+    (["--temperature", "0.7", "--logprobs_mode", "raw"], None),
+    (["--async_mode", "true", "--rollout_is", "none", "--temperature", "0.7", "--logprobs_mode", "processed"], None),
+])
+def test_sampler_logprobs_the_trainer_cannot_reproduce_are_refused_when_trained_on(tiny_model_dir, flags, refused):
+    cfg = _cfg(GRPOConfig, tiny_model_dir, "--experience_batch_size", "2", "--train_batch_size", "8",
+               "--accumulation_steps", "1", *flags)
+    if refused is None:
+        check_rl_config(cfg, "grpo")
+        return
+    with pytest.raises(ConfigError, match=refused):
+        check_rl_config(cfg, "grpo")

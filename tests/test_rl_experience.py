@@ -187,6 +187,54 @@ def test_actor_loss_at_ratio_one_is_minus_the_mean_advantage_and_ptx_rides_along
     assert abs(loss_ptx.item() - (loss.item() + 0.5 * expected_ptx.item())) < 1e-4
 
 
+def _experience_of(batch: dict, rollout_logprobs: torch.Tensor):
+    from rlhf_ray.buffer.experience import Experience
+
+    return Experience(sequences=batch["sequences"], attention_mask=batch["attention_mask"],
+                      response_mask=batch["response_mask"].clone(), old_logprobs=batch["old_logprobs"],
+                      rollout_logprobs=rollout_logprobs, advantages=batch["advantages"],
+                      ref_logprobs=batch["ref_logprobs"])
+
+
+def test_rollout_correction_without_mismatch_leaves_the_actor_loss_unchanged():
+    """The trainer path (apply_rollout_correction, then actor_loss with the weights) with sampler log-probs equal to
+    the old ones: the same loss and gradient as without the correction."""
+    from rlhf_ray.workers.rl_objectives import apply_rollout_correction
+
+    batch = _batch(6)
+    on = RLLossSettings(kl_loss_coef=0.1, rollout_is="token", rollout_rs="token", rollout_rs_threshold=1.5)
+    experience = _experience_of(batch, batch["old_logprobs"].clone())
+    metrics = apply_rollout_correction(experience, on.rollout_correction)
+    assert metrics["rollout_corr/masked_token_frac"] == 0 and metrics["rollout_corr/is_weight_mean"] == 1
+    corrected = {**batch, "response_mask": experience.response_mask,
+                 "rollout_is_weights": experience.extras["rollout_is_weights"]}
+    plain_grads = _grads(_tiny_llama(), actor_loss, [batch], RLLossSettings(kl_loss_coef=0.1), 1)
+    corrected_grads = _grads(_tiny_llama(), actor_loss, [corrected], on, 1)
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, corrected_grads))
+    assert apply_rollout_correction(experience, RLLossSettings().rollout_correction) == {}
+
+
+def test_rollout_correction_with_mismatch_masks_tokens_and_weights_the_loss():
+    """A perturbed sampler: rejected tokens leave the mask (and so the loss units), the rest are weighted."""
+    from rlhf_ray.workers.rl_objectives import apply_rollout_correction
+
+    batch = _batch(6)
+    noise = torch.randn(batch["old_logprobs"].shape, generator=torch.Generator().manual_seed(4)) * 0.8
+    experience = _experience_of(batch, batch["old_logprobs"] + noise)
+    settings = RLLossSettings(rollout_is="token", rollout_is_threshold=1.5, rollout_rs="token")
+    metrics = apply_rollout_correction(experience, settings.rollout_correction)
+    mask, weights = experience.response_mask, experience.extras["rollout_is_weights"]
+    assert 0 < metrics["rollout_corr/masked_token_frac"] < 1
+    assert units_of(mask, "token-mean") < units_of(batch["response_mask"], "token-mean")
+    model = _tiny_llama()
+    loss, _ = actor_loss(model, {**batch, "response_mask": mask, "rollout_is_weights": weights}, settings, 1.0)
+    logprobs = compute_response_logprobs(model, batch["sequences"], batch["attention_mask"], 5)
+    ratio = torch.exp(logprobs - batch["old_logprobs"])
+    adv = batch["advantages"]
+    token_loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)) * weights
+    assert loss.item() == pytest.approx(((token_loss * mask).sum() / mask.sum()).item(), abs=1e-5)
+
+
 def test_merge_update_results_weights_by_units_and_skips_tp_duplicates():
     def rank(loss, units, norm):
         return [{"sums": {"loss/policy": loss * units}, "units": units, "tokens": units, "time_s": 1.0,
@@ -239,3 +287,48 @@ def test_async_collector_hands_over_errors():
         collector.next(0, timeout_s=10)
     collector.stop()
     assert not any(t.name == "rl-collector" and t.is_alive() for t in threading.enumerate())
+
+
+def _kl_run(async_mode: bool, start: int = 0, stop: int = 6, resume_state: dict | None = None):
+    """Episodes through EpisodeKLController as the RL controller drives it: collection updates the adaptive
+    coefficient (two collect steps per episode), training commits it. Returns (coefficient used by each collect
+    step, coefficient logged/checkpointed after each trained episode)."""
+    from types import SimpleNamespace
+
+    from rlhf_ray.pipelines.rl.experience import EpisodeKLController
+
+    algo = SimpleNamespace(kl_ctrl_type="adaptive", kl_coef=0.1, target_kl=1.0, kl_horizon=50.0)
+    kl = EpisodeKLController(algo)
+    if resume_state is not None:
+        kl.load_state_dict(resume_state)
+    used, trained = {}, {}
+
+    def collect(episode):
+        for step in range(2):
+            used[(episode, step)] = kl.collecting.value
+            kl.collecting.update(current_kl=0.5 + 0.7 * episode + 0.1 * step, n_steps=8)
+        kl.finish(episode)
+        return {}
+
+    collector = AsyncCollector(collect, start, stop, max_staleness=2, version=start).start() if async_mode else None
+    for episode in range(start, stop):
+        collector.next(episode, timeout_s=10) if collector else collect(episode)
+        time.sleep(0.02 if collector else 0)                  # "training": collection runs ahead meanwhile
+        kl.commit(episode)
+        trained[episode] = kl.trained.state_dict()["value"]
+        if collector:
+            collector.set_version(episode + 1)
+    if collector:
+        collector.stop()
+    return used, trained
+
+
+def test_adaptive_kl_in_async_mode_matches_sync_and_checkpoints_the_trained_episode():
+    sync_used, sync_trained = _kl_run(async_mode=False)
+    async_used, async_trained = _kl_run(async_mode=True)
+    assert async_used == sync_used and async_trained == sync_trained
+    assert len(set(sync_trained.values())) == len(sync_trained)          # the coefficient does move
+    # Resume from the checkpoint written after episode 2: the next episodes use the uninterrupted run's values.
+    resumed_used, resumed_trained = _kl_run(async_mode=True, start=3, resume_state={"value": async_trained[2]})
+    assert resumed_used == {key: value for key, value in sync_used.items() if key[0] >= 3}
+    assert resumed_trained == {e: v for e, v in sync_trained.items() if e >= 3}

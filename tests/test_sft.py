@@ -105,6 +105,44 @@ def test_resume_continues_exactly_like_the_uninterrupted_run(first_run, tiny_mod
     assert _series(resumed, "lr")[5] == pytest.approx(_series(uninterrupted, "lr")[5], rel=1e-9)
 
 
+def test_a_killed_trainer_rank_resumes_on_its_own_with_the_same_losses(first_run, tiny_model_dir, data, tmp_path,
+                                                                        monkeypatch, capsys):
+    """Rank 1 is SIGKILLed as step 6 starts (step_4 is the newest checkpoint, step 5 is done and logged): rank 0 is
+    left in the step's all-reduce with a dead peer. The job tears down, restarts once from step_4 by itself and
+    finishes; every step's loss (step 5 twice) equals the uninterrupted run's (--max_restarts, tests/test_auto_resume.py)."""
+    import os
+    import signal
+
+    import ray
+
+    from rlhf_ray.pipelines.supervised_loop import SupervisedRun
+
+    _, uninterrupted = first_run
+    killed, train_step = [], SupervisedRun.train_step
+
+    def kill_rank_1_at_step_6(self, order, batch_index):
+        if batch_index == 5 and not killed:
+            killed.append(ray.get(self.policy.actor(1).__ray_call__.remote(lambda actor: os.getpid())))
+            os.kill(killed[0], signal.SIGKILL)
+        return train_step(self, order, batch_index)
+
+    monkeypatch.setattr(SupervisedRun, "train_step", kill_rank_1_at_step_6)
+    status = sft.main(_argv(tiny_model_dir, data, tmp_path, "--eval_at_start", "--eval_interval", "6",
+                            "--save_interval", "4", "--max_restarts", "1", "--collective_timeout_s", "60"))
+    assert status == 0 and killed
+    step_4 = tmp_path / "model-checkpoints" / "step_4"
+    logged = capsys.readouterr().out
+    assert f"lost sft rank 1; restart 1/1 from checkpoint {step_4}" in logged
+    assert f"resumed from {step_4}: step 4, epoch 0, batch 4" in logged
+    losses = [(row["step"], row["loss/train"]) for row in read_jsonl_metrics(tmp_path / "logs" / "metrics.jsonl")
+              if "loss/train" in row]
+    assert [step for step, _ in losses] == [1, 2, 3, 4, 5] + list(range(5, STEPS + 1))
+    reference = _series(uninterrupted, "loss/train")
+    for step, loss in losses:
+        assert loss == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
 def test_bad_input_exits_with_one_clear_message(tiny_model_dir, data, tmp_path, capsys):
     train_dir, _ = data
     base = ["--pretrain", str(tiny_model_dir), "--save_path", str(tmp_path / "m")]

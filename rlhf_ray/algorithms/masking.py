@@ -16,7 +16,7 @@ from typing import Literal, get_args
 
 import torch
 
-LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
+LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 LOSS_AGG_MODES: tuple[str, ...] = get_args(LossAggMode)
 
 
@@ -86,7 +86,7 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", *,
                    global_num_tokens: float | torch.Tensor | None = None,
                    global_num_sequences: float | torch.Tensor | None = None,
-                   dp_size: int = 1) -> torch.Tensor:
+                   dp_size: int = 1, max_response_len: int | None = None) -> torch.Tensor:
     """Reduce a per-token loss `(batch, seq)` to a scalar.
 
     Modes (what each averages over):
@@ -95,6 +95,8 @@ def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "toke
     - "seq-mean-token-sum": per sequence, the sum over its tokens; then the mean over sequences.
     - "seq-mean-token-mean": per sequence, the mean over its tokens; then the mean over sequences (the original
       GRPO paper). Every sequence weighs the same regardless of length.
+    - "seq-mean-token-sum-norm": "seq-mean-token-sum" divided by the constant `max_response_len` L: the sum over
+      every token / (sequences × L), Dr. GRPO's fixed normaliser (Liu et al. 2025), with no length bias.
     Sequences with no kept token are left out of the sequence count.
 
     Data parallelism: each rank sees only its shard, and DDP/FSDP *average* gradients over `dp_size` ranks.
@@ -111,15 +113,20 @@ def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "toke
         raise ValueError(f"aggregate_loss expects a (batch, seq) loss, got shape {tuple(loss_mat.shape)}")
     weights = _as_weights(mask, loss_mat)
 
+    if mode == "seq-mean-token-sum-norm" and (max_response_len is None or max_response_len < 1):
+        raise ValueError(f"loss_agg_mode 'seq-mean-token-sum-norm' needs max_response_len >= 1 (the fixed length "
+                         f"normaliser, e.g. max_new_tokens); got {max_response_len}")
     if mode == "token-mean":
         numerator = (loss_mat * weights).sum()
         global_count = global_num_tokens
         local_count = weights.sum()
     else:
-        if mode == "seq-mean-token-sum":
-            per_sequence = (loss_mat * weights).sum(dim=-1)
-        else:
+        if mode == "seq-mean-token-mean":
             per_sequence = masked_mean(loss_mat, weights, dim=-1)
+        else:
+            per_sequence = (loss_mat * weights).sum(dim=-1)
+            if mode == "seq-mean-token-sum-norm":
+                per_sequence = per_sequence / max_response_len
         numerator = per_sequence.sum()
         global_count = global_num_sequences
         local_count = (weights.sum(dim=-1) > 0).sum().to(numerator.dtype)
@@ -153,6 +160,7 @@ class LossAggregation:
     global_num_tokens: float | None = None
     global_num_sequences: float | None = None
     dp_size: int = 1
+    max_response_len: int | None = None          # the constant L of "seq-mean-token-sum-norm"
 
     def __post_init__(self):
         if self.mode not in LOSS_AGG_MODES:
@@ -162,4 +170,5 @@ class LossAggregation:
 
     def __call__(self, loss_mat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return aggregate_loss(loss_mat, mask, self.mode, global_num_tokens=self.global_num_tokens,
-                              global_num_sequences=self.global_num_sequences, dp_size=self.dp_size)
+                              global_num_sequences=self.global_num_sequences, dp_size=self.dp_size,
+                              max_response_len=self.max_response_len)

@@ -8,6 +8,8 @@ Every policy loss is called as
 with `(batch, response_len)` tensors: `logprobs` from the policy being trained (with grad), `old_logprobs` from the
 policy that generated the data (no grad), `advantages` and the `response_mask`. `loss` is a scalar to minimise;
 `metrics` holds detached Python floats named `loss/...` and `policy/...`, measured as local token means.
+`rollout_is_weights` `(batch, response_len)` (optional, detached; off_policy.py) multiply each token's loss before
+aggregation: the sampler-mismatch / off-policy importance weights.
 """
 
 from __future__ import annotations
@@ -52,15 +54,15 @@ class PolicyLossParams:
 
 class PolicyLossFn(Protocol):
     def __call__(self, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                 response_mask: torch.Tensor, *, params: PolicyLossParams,
-                 aggregation: LossAggregation) -> tuple[torch.Tensor, dict[str, float]]: ...
+                 response_mask: torch.Tensor, *, params: PolicyLossParams, aggregation: LossAggregation,
+                 rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
 POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss", setting="policy_loss")
 
 
-def _check_shapes(**tensors: torch.Tensor) -> None:
-    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+def _check_shapes(**tensors: torch.Tensor | None) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items() if t is not None}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"policy loss inputs must share one (batch, response_len) shape; got {shapes}")
 
@@ -68,7 +70,8 @@ def _check_shapes(**tensors: torch.Tensor) -> None:
 @POLICY_LOSSES.register("ppo")
 def compute_ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                             response_mask: torch.Tensor, *, params: PolicyLossParams = PolicyLossParams(),
-                            aggregation: LossAggregation = LossAggregation()) -> tuple[torch.Tensor, dict]:
+                            aggregation: LossAggregation = LossAggregation(),
+                            rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """PPO clipped surrogate (Schulman et al. 2017), asymmetric clip range, optional dual clip.
 
     Per token, with ratio = exp(logprobs - old_logprobs):
@@ -82,7 +85,8 @@ def compute_ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, 
     (tokens where the dual clip bounds the loss), `policy/approx_kl` (k3 estimate of KL(old || new)),
     `policy/ppo_kl` (k1: mean of old - new log-prob), `policy/ratio_mean`, `policy/ratio_max`.
     """
-    _check_shapes(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, response_mask=response_mask)
+    _check_shapes(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, response_mask=response_mask,
+                  rollout_is_weights=rollout_is_weights)
     log_ratio = (logprobs - old_logprobs).clamp(min=-MAX_LOG_RATIO, max=MAX_LOG_RATIO)
     ratio = torch.exp(log_ratio)
 
@@ -95,24 +99,18 @@ def compute_ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, 
         dual_active = (advantages < 0) & (token_loss > dual_bound)
         token_loss = torch.where(advantages < 0, torch.minimum(token_loss, dual_bound), token_loss)
 
-    loss = aggregation(token_loss, response_mask)
+    loss = aggregation(_weighted(token_loss, rollout_is_weights), response_mask)
     with torch.no_grad():
-        metrics = {
-            "loss/policy": loss.item(),
-            "policy/clip_frac": masked_mean((clipped > unclipped).to(ratio.dtype), response_mask).item(),
-            "policy/clip_frac_dual": masked_mean(dual_active.to(ratio.dtype), response_mask).item(),
-            "policy/approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, response_mask).item(),
-            "policy/ppo_kl": masked_mean(-log_ratio, response_mask).item(),
-            "policy/ratio_mean": masked_mean(ratio, response_mask).item(),
-            "policy/ratio_max": _masked_max(ratio, response_mask),
-        }
+        metrics = _ratio_metrics(loss, ratio, log_ratio, response_mask, clipped=clipped > unclipped)
+        metrics["policy/clip_frac_dual"] = masked_mean(dual_active.to(ratio.dtype), response_mask).item()
     return loss, metrics
 
 
 @POLICY_LOSSES.register("gspo")
 def compute_gspo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                              response_mask: torch.Tensor, *, params: PolicyLossParams = PolicyLossParams(),
-                             aggregation: LossAggregation = LossAggregation()) -> tuple[torch.Tensor, dict]:
+                             aggregation: LossAggregation = LossAggregation(),
+                             rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"): the clipped surrogate on a sequence-level
     ratio, the geometric mean of the token ratios of each response:
 
@@ -123,7 +121,8 @@ def compute_gspo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     then `aggregation(l, response_mask)`; the paper uses "seq-mean-token-mean" and clip ranges ~3e-4 / 4e-4.
     Dual clip is not applied. Metrics as for "ppo", with `policy/clip_frac` counted per token.
     """
-    _check_shapes(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, response_mask=response_mask)
+    _check_shapes(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, response_mask=response_mask,
+                  rollout_is_weights=rollout_is_weights)
     token_log_ratio = logprobs - old_logprobs
     seq_log_ratio = masked_mean(token_log_ratio, response_mask, dim=-1)  # (batch,)
     combined = (seq_log_ratio.detach().unsqueeze(-1) + logprobs - logprobs.detach())
@@ -133,7 +132,7 @@ def compute_gspo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - params.clip_ratio_low, 1.0 + params.clip_ratio_high)
     token_loss = torch.maximum(unclipped, clipped)
-    loss = aggregation(token_loss, response_mask)
+    loss = aggregation(_weighted(token_loss, rollout_is_weights), response_mask)
     with torch.no_grad():
         clamped_token = token_log_ratio.clamp(min=-MAX_LOG_RATIO, max=MAX_LOG_RATIO)
         metrics = {
@@ -148,12 +147,55 @@ def compute_gspo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     return loss, metrics
 
 
+@POLICY_LOSSES.register("cispo")
+def compute_cispo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                              response_mask: torch.Tensor, *, params: PolicyLossParams = PolicyLossParams(),
+                              aggregation: LossAggregation = LossAggregation(),
+                              rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """CISPO (MiniMax 2025, "MiniMax-M1"): REINFORCE with a clipped, stop-gradient importance weight.
+
+        l = -sg[clip(ratio, 1 - low, 1 + high)] * A * logprobs,     ratio = exp(logprobs - old_logprobs)
+
+    Unlike PPO no token's gradient is cut: a clipped token still contributes, with its weight bounded. The paper
+    clips only above (clip_ratio_low close to 1 is close to no lower clip). Metrics as for "ppo";
+    `policy/clip_frac` counts tokens whose weight was clipped.
+    """
+    _check_shapes(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, response_mask=response_mask,
+                  rollout_is_weights=rollout_is_weights)
+    log_ratio = (logprobs - old_logprobs).clamp(min=-MAX_LOG_RATIO, max=MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    weight = ratio.detach().clamp(1.0 - params.clip_ratio_low, 1.0 + params.clip_ratio_high)
+    token_loss = -advantages * weight * logprobs
+    loss = aggregation(_weighted(token_loss, rollout_is_weights), response_mask)
+    with torch.no_grad():
+        metrics = _ratio_metrics(loss, ratio, log_ratio, response_mask, clipped=weight != ratio)
+    return loss, metrics
+
+
+def _ratio_metrics(loss: torch.Tensor, ratio: torch.Tensor, log_ratio: torch.Tensor, response_mask: torch.Tensor,
+                   clipped: torch.Tensor) -> dict[str, float]:
+    return {
+        "loss/policy": loss.item(),
+        "policy/clip_frac": masked_mean(clipped.to(ratio.dtype), response_mask).item(),
+        "policy/clip_frac_dual": 0.0,
+        "policy/approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, response_mask).item(),
+        "policy/ppo_kl": masked_mean(-log_ratio, response_mask).item(),
+        "policy/ratio_mean": masked_mean(ratio, response_mask).item(),
+        "policy/ratio_max": _masked_max(ratio, response_mask),
+    }
+
+
 def compute_policy_loss(name: str, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                         response_mask: torch.Tensor, params: PolicyLossParams = PolicyLossParams(),
-                        aggregation: LossAggregation = LossAggregation()) -> tuple[torch.Tensor, dict]:
+                        aggregation: LossAggregation = LossAggregation(),
+                        rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Look up the policy loss `name` in `POLICY_LOSSES` and apply it."""
     return POLICY_LOSSES.get(name)(logprobs, old_logprobs, advantages, response_mask, params=params,
-                                   aggregation=aggregation)
+                                   aggregation=aggregation, rollout_is_weights=rollout_is_weights)
+
+
+def _weighted(token_loss: torch.Tensor, rollout_is_weights: torch.Tensor | None) -> torch.Tensor:
+    return token_loss if rollout_is_weights is None else token_loss * rollout_is_weights.detach()
 
 
 def _masked_max(values: torch.Tensor, mask: torch.Tensor) -> float:

@@ -60,3 +60,20 @@ def compute_token_level_rewards(scores: torch.Tensor, response_mask: torch.Tenso
             "reward/kl_penalty_mean": penalty.sum(dim=-1).mean().item(),
         })
     return rewards, metrics
+
+
+def compute_overlong_penalty(response_lengths: torch.Tensor, max_response_len: int, buffer_len: int,
+                             penalty_factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025), added to the sequence scores `(batch,)`:
+
+        0                                          L <= L_max - L_buffer
+        penalty_factor * (L_max - L_buffer - L) / L_buffer     L_max - L_buffer < L <= L_max   (0 down to -factor)
+        -penalty_factor                            L > L_max
+
+    with L the response length in tokens, L_max `max_response_len`, L_buffer `buffer_len` (0 < L_buffer <= L_max).
+    """
+    if not 0 < buffer_len <= max_response_len:
+        raise ValueError(f"overlong_buffer_len must be in (0, max_new_tokens = {max_response_len}] (got "
+                         f"{buffer_len}); DAPO uses 4096 of 20480")
+    excess = response_lengths.to(torch.float32) - (max_response_len - buffer_len)
+    return -penalty_factor * (excess / buffer_len).clamp(min=0.0, max=1.0)

@@ -1,13 +1,18 @@
 """Benchmarks: `rlhf-ray bench [--quick] [--only NAME ...] [--out DIR]` runs them all (run_all.py); one alone is
 `python -m rlhf_ray.benchmarks.bench_engines [--quick] [--out DIR]`. Each measures its baseline in the same run and
-writes JSON (and a PNG where it plots) under --out: benchmarks/results under the current directory by default."""
+writes JSON (and a PNG where it plots) under --out: runs/bench under the current directory by default. The
+reference results that README quotes are committed under benchmarks/results/; a new run never overwrites them
+unless pointed there with --out."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 from pathlib import Path
 
-DEFAULT_OUT = "benchmarks/results"
+DEFAULT_OUT = "runs/bench"
 
 
 def add_out_flag(parser: argparse.ArgumentParser) -> None:
@@ -18,4 +23,22 @@ def add_out_flag(parser: argparse.ArgumentParser) -> None:
 def results_dir(out: str | Path) -> Path:
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def machine() -> str:
+    """One line naming the machine a figure was measured on: OS, CPUs, memory, GPUs."""
+    import torch
+
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpus = (f"{torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+            else "no GPU")
+    return f"{platform.platform()}, {os.cpu_count()} CPUs, {memory_gib:.0f} GiB, {gpus}"
+
+
+def write_report(out: str | Path, filename: str, report: dict) -> Path:
+    """report + the machine line as JSON at out/filename; prints where it went."""
+    path = results_dir(out) / filename
+    path.write_text(json.dumps({**report, "machine": machine()}, indent=2) + "\n")
+    print(f"wrote {path}", flush=True)
     return path

@@ -14,15 +14,12 @@ Writes <--out>/bench_engines.json. Absolute numbers on a shared 2-core CPU are n
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from rlhf_ray.benchmarks import add_out_flag, results_dir
+from rlhf_ray.benchmarks import add_out_flag, results_dir, write_report
 from rlhf_ray.workers.base import RankedWorker
 
 
@@ -138,12 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             group.shutdown()
             ray.shutdown()
-    report = {"benchmark": "engines", "quick": args.quick, "flavour": flavour, "steps": steps,
-              "tokens_per_step": tokens_per_step, "machine": platform.platform(), "cpus": os.cpu_count(),
-              "rows": rows}
-    out = results / "bench_engines.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(results, "bench_engines.json", {"benchmark": "engines", "quick": args.quick, "flavour": flavour,
+                                                  "steps": steps, "tokens_per_step": tokens_per_step, "rows": rows})
     return 0
 
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
-from rlhf_ray.benchmarks import add_out_flag, results_dir
+from rlhf_ray.benchmarks import add_out_flag, write_report
 
 
 def run_case(method: str, dtype: str, batch: int, length: int, vocab: int, device: str) -> dict:
@@ -97,11 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {dtype:5s} {method:12s} logits {row['logits_mib']:7.0f} MiB  kept for backward "
                   f"{row['saved_for_backward_mib']:7.1f} MiB  extra peak {row['extra_peak_mib']:7.0f} MiB "
                   f"({row['memory_ratio']:.2f}x)  {row['seconds']:6.2f} s ({row['time_ratio']:.2f}x)")
-    path = results_dir(args.out) / "bench_logprobs.json"
-    path.write_text(json.dumps({"shape": [batch, length, vocab], "device": args.device, "quick": args.quick,
-                                "machine": platform.platform(), "cpus": os.cpu_count(), "results": results},
-                               indent=2))
-    print(f"wrote {path}")
+    write_report(args.out, "bench_logprobs.json", {"shape": [batch, length, vocab], "device": args.device,
+                                                   "quick": args.quick, "results": results})
     return 0
 
 

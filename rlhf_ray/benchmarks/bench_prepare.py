@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -28,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHARED = Path(os.environ.get("RLHF_RAY_SHARED", "../shared"))     # beside a checkout, run from its root
 
-from rlhf_ray.benchmarks import add_out_flag, results_dir  # noqa: E402
+from rlhf_ray.benchmarks import add_out_flag, write_report  # noqa: E402
 from rlhf_ray.data.encoder import TokenEncoder  # noqa: E402
 from rlhf_ray.data.formats import convert_row, iter_rows  # noqa: E402
 from rlhf_ray.data.shards import ShardSettings, run_shards, split_chunks  # noqa: E402
@@ -115,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_dir, chosen = workloads(args.quick)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)  # loaded once, outside the timings
     template = derive_template(tokenizer, None, None, source="bench")
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared, loaded)", "tokenizer": tokenizer_dir,
-               "quick": args.quick, "workloads": {}}
+    results = {"tokenizer": tokenizer_dir, "quick": args.quick, "workloads": {}}
     scratch = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     try:
         for name, kind, records in chosen:
@@ -139,9 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             results["workloads"][name] = entry
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    out = results_dir(args.out) / "bench_prepare.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_report(args.out, "bench_prepare.json", results)
     return 0
 
 

@@ -14,14 +14,12 @@ phases overlap, so its per-phase times add up to more than its episode time. Wri
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-from rlhf_ray.benchmarks import add_out_flag, results_dir
+from rlhf_ray.benchmarks import add_out_flag, write_report
 
 PHASES = ("generate", "score", "advantage", "buffer_put", "update", "weight_sync")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"        # shipped inside the package
@@ -105,11 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {phase:12s} {sync_s:9.3f} {sync_s / results['sync']['episode_s']:7.1%} {async_s:9.3f}")
     print(f"  {'episode':12s} {results['sync']['episode_s']:9.3f} {'':7s} {results['async']['episode_s']:9.3f}")
     print(f"  async speed-up over sync: {speedup:.2f}x (staleness max {results['async']['staleness_max']:.0f})")
-    path = results_dir(args.out) / "bench_rl_step.json"
-    path.write_text(json.dumps({"quick": args.quick, "flavour": flavour, "machine": platform.platform(),
-                                "cpus": os.cpu_count(), "episodes": episodes, "results": results,
-                                "async_speedup": speedup}, indent=2))
-    print(f"wrote {path}")
+    write_report(args.out, "bench_rl_step.json", {"quick": args.quick, "flavour": flavour, "episodes": episodes,
+                                                  "results": results, "async_speedup": speedup})
     return 0
 
 

@@ -27,12 +27,11 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-from rlhf_ray.benchmarks import add_out_flag, results_dir
+from rlhf_ray.benchmarks import add_out_flag, results_dir, write_report
 
 
 def build_prompts(count: int) -> list[list[int]]:
@@ -277,13 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "rollout", "quick": args.quick, "model": f"tiny-{args.flavour}",
               "params": n_params,
               "threads_per_engine": args.threads, "repeats": repeats,
-              "ray_worker_niceness": args.ray_worker_niceness, "min_seconds": args.min_seconds, "machine": platform.platform(),
-              "cpus": os.cpu_count(), "rows": rows, "summary": summary}
+              "ray_worker_niceness": args.ray_worker_niceness, "min_seconds": args.min_seconds,
+              "rows": rows, "summary": summary}
     stem = "bench_rollout_quick" if args.quick else "bench_rollout"
-    (results / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    plot(rows, results / f"{stem}.png", bool(hf))
     print(json.dumps(summary, indent=2))
-    print(f"wrote {results / (stem + '.json')} and {results / (stem + '.png')}")
+    write_report(results, f"{stem}.json", report)
+    plot(rows, results / f"{stem}.png", bool(hf))
+    print(f"wrote {results / (stem + '.png')}")
     return 0
 
 

@@ -18,16 +18,14 @@ Writes <--out>/bench_trainer.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from rlhf_ray.benchmarks import add_out_flag, results_dir
+from rlhf_ray.benchmarks import add_out_flag, write_report
 
 
 def make_rows(batch: int, seq_len: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -152,14 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         "bare_tokens_per_s": tokens / bare_s, "actor_tokens_per_s": tokens / actor_s,
         "ratio_actor_over_bare": bare_s / actor_s, "goal": 0.95,
         "bare_step_s": bare_times, "actor_step_s": actor_times,
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "torch": torch.__version__,
+        "torch": torch.__version__,
     }
     print(f"bare loop   {result['bare_tokens_per_s']:,.0f} tokens/s  ({bare_s * 1e3:.0f} ms/step)")
     print(f"actor       {result['actor_tokens_per_s']:,.0f} tokens/s  ({actor_s * 1e3:.0f} ms/step)")
     print(f"ratio actor / bare = {result['ratio_actor_over_bare']:.3f} (goal >= 0.95)")
-    out = results_dir(args.out) / "bench_trainer.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"-> {out}")
+    write_report(args.out, "bench_trainer.json", result)
     return 0
 
 

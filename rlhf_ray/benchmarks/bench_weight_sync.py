@@ -16,14 +16,12 @@ Reported: bytes/s of each (best of --repeats) and sync/raw. Writes <--out>/bench
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-from rlhf_ray.benchmarks import add_out_flag, results_dir
+from rlhf_ray.benchmarks import add_out_flag, results_dir, write_report
 
 
 class RawReceiver:
@@ -202,11 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             trainer.shutdown()
     finally:
         ray.shutdown()
-    report = {"benchmark": "weight_sync", "quick": args.quick, "bucket_mb": args.bucket_mb, "repeats": args.repeats,
-              "machine": platform.platform(), "cpus": os.cpu_count(), "rows": rows}
-    path = results / ("bench_weight_sync_quick.json" if args.quick else "bench_weight_sync.json")
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    write_report(results, "bench_weight_sync_quick.json" if args.quick else "bench_weight_sync.json",
+                 {"benchmark": "weight_sync", "quick": args.quick, "bucket_mb": args.bucket_mb,
+                  "repeats": args.repeats, "rows": rows})
     return 0
 
 

@@ -2,7 +2,8 @@
 ratios.
 
 Each benchmark is its own module with `main(argv)`, measures its baseline in the same run, and writes JSON (and
-plots where it makes them) under --out (default: benchmarks/results under the current directory).
+plots where it makes them) under --out (default: runs/bench under the current directory; the committed
+reference results live in benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ BENCHMARKS = {
     "rollout": "rlhf_ray.benchmarks.bench_rollout",
     "weight_sync": "rlhf_ray.benchmarks.bench_weight_sync",
     "rl_step": "rlhf_ray.benchmarks.bench_rl_step",
+    "quantize": "rlhf_ray.benchmarks.bench_quantize",
+    "startup": "rlhf_ray.benchmarks.bench_startup",
 }
 
 

@@ -46,7 +46,12 @@ def atomic_directory(path: str | Path, *, is_writer: bool = True, barrier: Calla
             shutil.rmtree(tmp)           # left by a run that died mid-save
         tmp.mkdir()
     barrier()
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        if is_writer:                    # a failed write leaves nothing half-written behind (a kill still may:
+            shutil.rmtree(tmp, ignore_errors=True)      # the next save of the same path clears that)
+        raise
     barrier()                            # every rank has finished writing
     if is_writer:
         if seal:

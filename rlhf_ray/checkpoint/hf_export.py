@@ -9,6 +9,13 @@ shards of at most `max_shard_bytes`, with `model.safetensors.index.json` when th
 
 LoRA adapters that are not merged are written in peft's layout instead (`write_peft_adapter`), loadable with
 `PeftModel.from_pretrained(base_model, out)`.
+
+A failed checkpoint write must not cost the trained model, which is still in the ranks' memory: the jobs raise
+CheckpointWriteError from their save and answer it with `export_despite`, which runs the export and words the one
+line the user sees (what failed, where, and where the model went):
+
+    except CheckpointWriteError as failure:
+        print(f"{prog}: {export_despite(failure, export)}", file=sys.stderr); return 1
 """
 
 from __future__ import annotations
@@ -105,3 +112,32 @@ def write_peft_adapter(directory: str | Path, adapter_weights: Iterable[tuple[st
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
     return directory
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing the resumable checkpoint `directory` (for `step`: optimizer steps or episodes) failed; the message
+    names it and the cause in one line."""
+
+    def __init__(self, directory: str | Path, step: int, cause: BaseException) -> None:
+        super().__init__(f"writing the checkpoint {directory} failed ({_one_line(cause)})")
+        self.directory, self.step = Path(directory), step
+
+
+def _one_line(exc: BaseException) -> str:
+    """'OSError: [Errno 28] No space left on device': the root cause, also of an error raised in a Ray actor (whose
+    own text carries the remote traceback)."""
+    root = getattr(exc, "cause", None)
+    root = root if isinstance(root, BaseException) else exc
+    text = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {text[-1]}" if text else type(root).__name__
+
+
+def export_despite(failure: CheckpointWriteError, export: Callable[[], Any]) -> str:
+    """Run `export` (the job's HF export, returning where it wrote) after a failed checkpoint write, and return the
+    one-line message for the user: what failed and where the trained model is, or that the export failed too."""
+    try:
+        where = export()
+    except Exception as exc:                 # e.g. the disk is full for both: say so, in the same one line
+        return f"{failure}; the HF export failed too ({_one_line(exc)}), so the model of this run is lost"
+    return (f"{failure}; the trained model was exported to {where} all the same (transformers and vLLM load it), "
+            f"but this point of the run cannot be resumed")

@@ -52,6 +52,11 @@ class TrainSection(Section):
     max_consecutive_bad_steps: int = Field(3, ge=0, description="stop the run after this many optimizer steps in a "
                                                                 "row skipped for a non-finite loss or gradient; "
                                                                 "0 never stops")
+    collective_timeout_s: float = Field(1800.0, gt=0, description="seconds a rank waits in a collective "
+                                                                   "(all-reduce, barrier) before failing: the bound on "
+                                                                   "a hang when a peer is gone")
+    placement_timeout_s: float = Field(120.0, gt=0, description="seconds to wait for a pool's resources to be free "
+                                                                "before failing with what holds them")
 
 
 class WorkerResources(Section):
@@ -59,7 +64,9 @@ class WorkerResources(Section):
 
     cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker reserves")
     gpus_per_worker: float = Field(0, ge=0, description="GPUs each worker reserves (0 on CPU clusters)")
-    pool: str | None = Field(None, description="node pool label the workers must run on (heterogeneous clusters)")
+    pool: str | None = Field(None, description="node pool the workers must run on: nodes labelled pool=<name>, or "
+                                               "accelerator_type:<T> for the nodes whose GPUs Ray detects as T "
+                                               "(e.g. H100)")
 
 
 class ResourcesSection(WorkerResources):
@@ -77,6 +84,9 @@ class ParallelSection(ResourcesSection):
     plugin: str = Field("ddp", description="training backend: ddp, fsdp, fsdp_cpu, tp, colossal_ddp, zero2, "
                                            "zero2_cpu, gemini, gemini_auto, 3d")
     tp: int = Field(1, ge=1, description="tensor-parallel size; num_workers must be a multiple of it")
+    meta_init: bool = Field(True, description="sharded backends (fsdp, fsdp_cpu, tp, 3d) build the model on the "
+                                              "meta device and each rank reads only its shard of the checkpoint; "
+                                              "false builds the full model on every rank first")
 
     @model_validator(mode="after")
     def _tp_divides(self):
@@ -102,6 +112,9 @@ class CheckpointSection(Section):
     checkpoint_path: str | None = Field(None, description="resume from this checkpoint directory (a step_N/ "
                                                               "directory, or a save_dir to take its latest)")
     config_file: str | None = Field(None, description="write the resolved config here (JSON, or YAML by suffix)")
+    max_restarts: int = Field(1, ge=0, description="when a trainer rank dies (actor killed, node lost), tear down "
+                                                   "and resume from the newest checkpoint of this run on its own, "
+                                                   "at most this many times; 0 stops with a message instead")
 
 
 class LoggingSection(Section):

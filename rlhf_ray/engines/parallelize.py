@@ -131,3 +131,48 @@ def all_reduce_mean_grads(parameters: list[nn.Parameter], group) -> None:
     flat.div_(dist.get_world_size(group))
     for tensor, synced in zip(locals_, torch._utils._unflatten_dense_tensors(flat, locals_)):
         tensor.copy_(synced)
+
+
+def materialize_from_checkpoint(model: nn.Module, reader, device: torch.device, fresh: dict[str, torch.Tensor],
+                                buffers: dict[str, torch.Tensor]) -> None:
+    """Allocate a parallelised meta-device model on `device` and fill each rank's local shards (in place).
+
+    reader: a models.meta_loading.CheckpointReader; each parameter reads only its local region from it (its
+    DTensor shard under FSDP2/TP, the whole tensor where it is replicated). fresh: full tensors by parameter name
+    for what the checkpoint lacks (LoRA adapters, a new value head), sliced the same way. buffers: their values by
+    name (to_empty leaves them uninitialised). Parameters shared by several modules (tied embeddings) stay one.
+    """
+    from rlhf_ray.models.lora import hf_name
+
+    aliases = _parameter_aliases(model)
+    model.to_empty(device=device)
+    for alias, name in aliases.items():                 # to_empty gives each owner module its own new tensor
+        owner, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(name))
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+        for name, param in model.named_parameters():
+            local, region = _local_region(param)
+            local.copy_(fresh[name][region] if name in fresh else reader.read(hf_name(name), region))
+
+
+def _parameter_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias name: first name} for every parameter reachable under more than one name (lm_head tied to embed)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.update({name: first[id(param)]} if id(param) in first else {})
+        first.setdefault(id(param), name)
+    return aliases
+
+
+def _local_region(param: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """(this rank's local tensor, the region of the full tensor it holds): a DTensor's shard, else everything."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(param, DTensor):
+        return param, tuple(slice(0, size) for size in param.shape)
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return param.to_local(), tuple(slice(start, start + size) for start, size in zip(offset, shape))

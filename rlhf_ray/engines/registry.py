@@ -85,8 +85,10 @@ def build_engine(parallel, train, model_factory: Callable[[], nn.Module], num_tr
     """Build the backend named by `parallel.plugin` on this rank.
 
     parallel: ParallelSection; train: TrainSection; model_cfg: ModelSection (LoRA merge and export settings).
-    model_factory builds the full model on this rank (the engine seeds torch with train.seed first, so every rank
-    builds the same weights); num_training_steps sizes the LR schedule. Works in a single process (no process
+    model_factory builds the model on this rank (the engine seeds torch with train.seed first, so every rank
+    builds the same weights; sharded torch-native backends call it inside models.meta_loading.defer_weights(), where
+    load_causal_lm / load_value_model leave the checkpoint weights on the meta device for the engine to load shard by
+    shard); num_training_steps sizes the LR schedule. Works in a single process (no process
     group, num_workers 1) and inside a WorkerGroup whose ranks have joined the default process group.
     """
     factory = get_engine_factory(parallel.plugin)      # the factory runs its own validation on this rank

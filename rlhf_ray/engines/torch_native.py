@@ -10,6 +10,11 @@ One class; the registered names choose a layout:
     3d         ColossalAI's HybridParallelPlugin name; served here by fsdp + tp (see docs/engines.md)
 
 A single process (no torch.distributed group, num_workers 1) trains the unwrapped model: nothing to shard.
+Sharded layouts (fsdp, fsdp_cpu, tp, 3d) build the model with its checkpoint weights on the meta device, shard the
+skeleton, then read only this rank's shards from the safetensors files (models/meta_loading.py,
+parallelize.materialize_from_checkpoint): a rank's start-up memory is its shard plus one tensor, not the full
+model. --meta_init false (or a checkpoint transformers must convert on load) builds the full model first; ddp
+replicates the weights, so it always does.
 Inside a WorkerGroup the default process group already exists (gloo on CPU; on GPU the device map cpu:gloo,cuda:nccl,
 so CPU metric tensors and CUDA tensors each find a backend); the engine builds its device mesh on top of it.
 """
@@ -32,11 +37,13 @@ from rlhf_ray.checkpoint.sharded import (load_model_state, load_optimizer_state,
                                          save_optimizer_state)
 from rlhf_ray.engines.base import LossFn, TrainEngine
 from rlhf_ray.engines.optim import WarmupCosineSchedule, build_optimizer
-from rlhf_ray.engines.parallelize import (all_reduce_mean_grads, apply_ddp, apply_fsdp, apply_tp, build_mesh)
+from rlhf_ray.engines.parallelize import (all_reduce_mean_grads, apply_ddp, apply_fsdp, apply_tp, build_mesh,
+                                          materialize_from_checkpoint)
 from rlhf_ray.engines.precision import AUTOCAST_DTYPES, DynamicLossScaler, autocast_context
 from rlhf_ray.engines.registry import register_engine
 from rlhf_ray.engines.weights import global_grad_norm, iter_full_weights, iter_lora_weights, scale_grads_
 from rlhf_ray.models.lora import build_lora_config, has_lora
+from rlhf_ray.models.meta_loading import CheckpointReader, defer_weights
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,11 @@ class Layout:
     data_parallel: str          # "ddp" (replicate) or "fsdp" (shard)
     tp: int = 1
     cpu_offload: bool = False
+
+    @property
+    def shards_weights(self) -> bool:
+        """Each rank holds only part of the weights (FSDP2 or TP), so it can load only that part."""
+        return self.data_parallel == "fsdp" or self.tp > 1
 
 
 def training_device(parallel) -> torch.device:
@@ -91,9 +103,13 @@ class TorchNativeEngine(TrainEngine):
 
         # Same seed on every rank: identical initial weights for anything the factory initialises randomly.
         torch.manual_seed(train.seed)
-        module = model_factory().to(self.device)
+        with defer_weights(layout.shards_weights and parallel.meta_init) as deferred:
+            module = model_factory()
         self._hf_module = module                 # the module before any wrapper (FSDP2/TP modify it in place)
-        self.model = self._parallelize(module)
+        if deferred is not None and deferred.checkpoint_dir:
+            self.model = self._parallelize_and_load(module, deferred.checkpoint_dir)
+        else:
+            self.model = self._parallelize(module.to(self.device))
         self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, train.lr, train.weight_decay)
         self.scheduler = WarmupCosineSchedule(self.optimizer, num_training_steps, train.warmup_steps)
@@ -130,6 +146,16 @@ class TorchNativeEngine(TrainEngine):
         if self.dp > 1:
             self._dp_group = mesh["dp"].get_group()      # TP + replicated data parallelism: average at the step
         return module
+
+    def _parallelize_and_load(self, module: nn.Module, checkpoint_dir: str) -> nn.Module:
+        """Shard a model whose checkpoint weights are on the meta device, then read this rank's shards only: peak
+        host memory is about the shard plus one tensor, not the full model per rank."""
+        fresh = {name: p.detach() for name, p in module.named_parameters() if not p.is_meta}   # LoRA, a new head
+        buffers = dict(module.named_buffers())
+        model = self._parallelize(module.to("meta"))
+        device = torch.device("cpu") if self.layout.cpu_offload else self.device    # offloaded shards live on CPU
+        materialize_from_checkpoint(module, CheckpointReader.open(checkpoint_dir), device, fresh, buffers)
+        return model
 
     # ------------------------------------------------------------ training
     def _sync_context(self, boundary: bool):

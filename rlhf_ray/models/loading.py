@@ -6,7 +6,9 @@
 
 Training engines keep fp32 master weights and run bf16/fp16 through autocast, so trainers load in fp32; frozen
 models (reference, reward at PPO time) can load directly in bf16. This module never imports torch.distributed:
-parallelism is applied from outside by the engines.
+parallelism is applied from outside by the engines. Inside meta_loading.defer_weights() (the sharded engines) both
+loaders leave the checkpoint weights on the meta device; LoRA adapters are drawn from the RNG state at entry either
+way, so both builds give the same adapters.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf_ray.models.lora import apply_lora
+from rlhf_ray.models.lora import apply_lora, redraw_lora_adapters
+from rlhf_ray.models.meta_loading import from_pretrained_or_meta
 from rlhf_ray.models.value_head import ValueHeadModel, init_value_head
 
 log = logging.getLogger(__name__)
@@ -42,14 +45,23 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
-def resolve_attn_implementation(use_flash_attn: bool) -> str:
-    """'flash_attention_2' when asked for and usable; otherwise 'sdpa' (with a logged note when it was asked for)."""
+def resolve_attn_implementation(use_flash_attn: bool, compute_dtype: torch.dtype | None = None) -> str:
+    """'flash_attention_2' when asked for and usable; otherwise 'sdpa' (with a logged note when it was asked for).
+    flash-attn has fp16/bf16 kernels only, so an fp32 forward (compute_dtype float32) gets SDPA."""
+    if use_flash_attn and compute_dtype == torch.float32:
+        log.warning("--use_flash_attn with --mixed_precision fp32: flash-attention runs in fp16/bf16 only; using "
+                    "PyTorch SDPA attention instead (pass --mixed_precision bf16 to use flash-attention)")
+        return "sdpa"
     if use_flash_attn:
         if flash_attn_available():
             return "flash_attention_2"
         why = "flash_attn is not installed" if importlib.util.find_spec("flash_attn") is None else "no CUDA device"
         log.warning("--use_flash_attn: %s; using PyTorch SDPA attention instead", why)
     return "sdpa"
+
+
+def _attention(model_cfg, compute_dtype: str | torch.dtype) -> str:
+    return resolve_attn_implementation(model_cfg.use_flash_attn, resolve_dtype(compute_dtype))
 
 
 def _check_pretrain(model_cfg) -> str:
@@ -62,18 +74,22 @@ def _check_pretrain(model_cfg) -> str:
     return str(model_cfg.pretrain)
 
 
-def _apply_training_options(model: nn.Module, model_cfg, trainable_modules: tuple[str, ...] = ()) -> nn.Module:
+def _apply_training_options(model: nn.Module, model_cfg, rng_state: torch.Tensor,
+                            trainable_modules: tuple[str, ...] = ()) -> nn.Module:
     if model_cfg.grad_checkpoint:
         # use_reentrant=False: works with frozen embeddings (LoRA) and with FSDP2/DTensor parameters.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if model_cfg.lora_rank > 0:
         apply_lora(model, model_cfg.lora_rank, model_cfg.lora_alpha, model_cfg.lora_dropout,
                    model_cfg.lora_target_modules, trainable_modules=trainable_modules)
+        redraw_lora_adapters(model, rng_state)
     return model
 
 
-def load_causal_lm(model_cfg, dtype: str | torch.dtype = torch.float32, *, for_training: bool = True) -> nn.Module:
+def load_causal_lm(model_cfg, dtype: str | torch.dtype = torch.float32, *, for_training: bool = True,
+                   compute_dtype: str | torch.dtype | None = None) -> nn.Module:
     """AutoModelForCausalLM from --pretrain in `dtype`; with gradient checkpointing and LoRA when training.
+    compute_dtype: what the forward runs in (--mixed_precision under autocast; default `dtype`), for the attention.
 
     for_training=False (reference / frozen models) skips checkpointing and LoRA and returns the model in eval mode
     with requires_grad off.
@@ -81,12 +97,13 @@ def load_causal_lm(model_cfg, dtype: str | torch.dtype = torch.float32, *, for_t
     from transformers import AutoModelForCausalLM
 
     path = _check_pretrain(model_cfg)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=resolve_dtype(dtype), attn_implementation=resolve_attn_implementation(model_cfg.use_flash_attn))
+    rng_state = torch.random.get_rng_state()      # LoRA adapters are drawn from it, whatever loading draws
+    model = from_pretrained_or_meta(AutoModelForCausalLM, path, None, dtype=resolve_dtype(dtype),
+                                    attn_implementation=_attention(model_cfg, compute_dtype or dtype))
     model.config.use_cache = False
     if not for_training:
         return _freeze(model)
-    return _apply_training_options(model, model_cfg)
+    return _apply_training_options(model, model_cfg, rng_state)
 
 
 def _is_sequence_classifier(path: str) -> bool:
@@ -98,7 +115,7 @@ def _is_sequence_classifier(path: str) -> bool:
 
 
 def load_value_model(model_cfg, dtype: str | torch.dtype = torch.float32, *, for_training: bool = True,
-                     seed: int | None = None) -> ValueHeadModel:
+                     seed: int | None = None, compute_dtype: str | torch.dtype | None = None) -> ValueHeadModel:
     """A ValueHeadModel from --pretrain.
 
     From a sequence-classification checkpoint (a trained reward model) the head is loaded; from a causal-LM
@@ -114,14 +131,16 @@ def load_value_model(model_cfg, dtype: str | torch.dtype = torch.float32, *, for
     if config.pad_token_id is None:
         # HF's sequence classifier needs pad_token_id to find the last real token of right-padded rows.
         config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else 0
-    hf = AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, dtype=resolve_dtype(dtype),
-        attn_implementation=resolve_attn_implementation(model_cfg.use_flash_attn))
+    rng_state = torch.random.get_rng_state()
+    hf = from_pretrained_or_meta(AutoModelForSequenceClassification, path, config,
+                                 new_modules=() if from_reward_model else ("score",), dtype=resolve_dtype(dtype),
+                                 attn_implementation=_attention(model_cfg, compute_dtype or dtype))
     score = getattr(hf, "score", None)
     if not isinstance(score, nn.Linear):
         raise ValueError(f"--pretrain {path}: {type(hf).__name__} has no linear `score` head; value models support "
                          f"decoder LMs whose sequence-classification class has one (Llama, Qwen, Mistral, ...)")
     if not from_reward_model:
+        score.to_empty(device="cpu")     # a fresh head, drawn here (also when the checkpoint weights wait on meta)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         init_value_head(score, hf.config.hidden_size, generator=generator)
     backbone = getattr(hf, hf.base_model_prefix)
@@ -130,7 +149,7 @@ def load_value_model(model_cfg, dtype: str | torch.dtype = torch.float32, *, for
     model.config.use_cache = False
     if not for_training:
         return _freeze(model)
-    return _apply_training_options(model, model_cfg, trainable_modules=("score",))
+    return _apply_training_options(model, model_cfg, rng_state, trainable_modules=("score",))
 
 
 def _freeze(model: nn.Module) -> nn.Module:

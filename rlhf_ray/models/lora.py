@@ -50,6 +50,20 @@ def apply_lora(model: nn.Module, rank: int, alpha: int, dropout: float, target_m
     return model
 
 
+def redraw_lora_adapters(model: nn.Module, rng_state: torch.Tensor) -> None:
+    """Draw every adapter again from the CPU RNG state `rng_state` (peft's default init: A kaiming-uniform, B zero),
+    allocating adapters left on the meta device. Their values then depend on that state alone, not on what loading
+    the base weights drew, so a model whose base weights stay on the meta device gets the same adapters."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.set_rng_state(rng_state)
+        for module in model.modules():
+            if is_lora_layer(module):
+                for adapter in (module.lora_A[ADAPTER], module.lora_B[ADAPTER]):
+                    if adapter.weight.is_meta:
+                        adapter.to_empty(device="cpu")
+                module.reset_lora_parameters(ADAPTER, True)
+
+
 def has_lora(model: nn.Module) -> bool:
     return any(".lora_A." in name for name, _ in model.named_parameters())
 

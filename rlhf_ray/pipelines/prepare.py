@@ -102,12 +102,14 @@ def resolve_template(config: PrepareConfig, tokenizer):
     """The conversation template (None for ptx, which is plain text)."""
     from rlhf_ray.data.template import load_template
     from rlhf_ray.data.template_derive import derive_template
+    from rlhf_ray.pipelines.model_checks import check_chat_template
 
     if config.prepare.type == "ptx":
         return None
     path = config.tokenizer.conversation_template_config
     if path:
         return load_template(path, tokenizer)
+    check_chat_template(tokenizer, config.tokenizer.tokenizer_dir, None)
     return derive_template(tokenizer, None, None, source=f"the chat template of {config.tokenizer.tokenizer_dir}")
 
 

@@ -2,6 +2,7 @@
 
     run = SupervisedRun(cfg, job, plan, train_rows, eval_rows, prog)
     run.run(resume_from)      # plan check -> groups -> [restore] -> steps (eval, save) -> checkpoint + HF export
+                              # a rank lost: groups torn down, again from the newest checkpoint (--max_restarts)
 
 One optimizer step, as the driver sees it:
 
@@ -28,14 +29,17 @@ import ray
 
 from rlhf_ray.config.base import ConfigError
 from rlhf_ray.checkpoint.atomic import rotate_checkpoints
+from rlhf_ray.checkpoint.hf_export import CheckpointWriteError, export_despite
 from rlhf_ray.checkpoint.layout import CONFIG_BESIDE_CHECKPOINT, checkpoint_dir
+from rlhf_ray.pipelines.restart import rank_lost, run_with_restarts
 from rlhf_ray.pipelines.supervised import CHECKPOINT_STATE_FILE, StepPlan, SupervisedJob, epoch_order
 from rlhf_ray.placement import ClusterCapacity, ResourcePlan, connect_ray, disconnect_ray, spec_from_parallel
+from rlhf_ray.placement.groups import PlacementTimeoutError
 from rlhf_ray.telemetry.progress import progress
 from rlhf_ray.telemetry.timers import Timers
 from rlhf_ray.telemetry.tracker import build_tracker
 from rlhf_ray.utils import split_evenly
-from rlhf_ray.workers.group import WorkerGroup
+from rlhf_ray.workers.group import WorkerGroup, get_failing_fast
 from rlhf_ray.workers.trainer import NonFiniteStepsError, TrainerWorker, merge_step_results
 
 
@@ -96,7 +100,21 @@ class SupervisedRun:
             resources = self._resource_plan()
             if resources is None:
                 return 2
-            self._start_groups(resources)
+            save_dir = checkpoint_dir(self.cfg.checkpoint.save_path, self.cfg.checkpoint.save_dir)
+            return run_with_restarts(lambda path: self._attempt(resources, path), resume_from=resume_from,
+                                     save_dir=save_dir, max_restarts=self.cfg.checkpoint.max_restarts, prog=self.prog)
+        finally:
+            disconnect_ray(started_ray)
+
+    def _attempt(self, resources: ResourcePlan, resume_from: Path | None) -> int:
+        """Start the groups, [restore], train and export; the groups are torn down however it ends. A lost rank
+        is raised as RankLostError for the restart loop."""
+        try:
+            try:
+                self._start_groups(resources)
+            except PlacementTimeoutError as exc:      # a busy pool: what holds it, no traceback
+                print(f"{self.prog}: {exc}", file=sys.stderr)
+                return 2
             step, epoch, batch = 0, 0, 0
             if resume_from is not None:
                 try:
@@ -111,15 +129,23 @@ class SupervisedRun:
             except NonFiniteStepsError as exc:        # the checkpoints written so far stay; one message, exit 1
                 print(f"{self.prog}: {NonFiniteStepsError.message(exc)}", file=sys.stderr)
                 return 1
+            except CheckpointWriteError as failure:     # the model is still on the ranks: export it, then fail
+                print(f"{self.prog}: {export_despite(failure, lambda: self._export(failure.step))}", file=sys.stderr)
+                return 1
             self._export(step)
             return 0
+        except Exception as exc:
+            lost = rank_lost(exc, (self.policy, self.reference))
+            if lost is None:
+                raise
+            raise lost from exc
         finally:
             if self.tracker is not None:
                 self.tracker.close()
             for group in (self.reference, self.policy):
                 if group is not None:
                     group.shutdown()
-            disconnect_ray(started_ray)
+            self.tracker = self.policy = self.reference = None
 
     def _resource_plan(self) -> ResourcePlan | None:
         """Role -> GroupSpec, printed with the cluster's numbers and checked before any actor starts."""
@@ -138,16 +164,18 @@ class SupervisedRun:
 
     def _start_groups(self, resources: ResourcePlan) -> None:
         with self.timers("startup"):
+            timeout_s = self.cfg.train.placement_timeout_s
             self.policy = WorkerGroup(TrainerWorker, resources.roles[self.job.name], name=self.job.name,
-                                      worker_kwargs=trainer_kwargs(self.cfg, self.job))
+                                      worker_kwargs=trainer_kwargs(self.cfg, self.job), placement_timeout_s=timeout_s)
             if self.job.reference == "group":
                 self.reference = WorkerGroup(TrainerWorker, resources.roles["reference"], name="reference",
-                                             worker_kwargs=trainer_kwargs(self.cfg, self.job, frozen=True))
+                                             worker_kwargs=trainer_kwargs(self.cfg, self.job, frozen=True),
+                                             placement_timeout_s=timeout_s)
             groups = [g for g in (self.policy, self.reference) if g is not None]
             builds = [g.call_all_async("build", self.plan.total_steps) for g in groups]   # groups load in parallel
-            info = ray.get(builds[0])
+            info = get_failing_fast(builds[0])
             for pending in builds[1:]:
-                ray.get(pending)
+                get_failing_fast(pending)
         self._say(f"model: {info[0]['parameters']:,} parameters, {info[0]['trainable_parameters']:,} trainable; "
                   f"{self.policy.world_size} rank(s)")
 
@@ -158,12 +186,13 @@ class SupervisedRun:
         self._say(f"resumed from {path}: step {step}, epoch {epoch}, batch {batch}")
         return step, epoch, batch
 
-    def _export(self, step: int) -> None:
+    def _export(self, step: int) -> str:
         with self.timers("export"):
             self.policy.call_all("save_hf", self.cfg.checkpoint.save_path)
         self.cfg.save(Path(self.cfg.checkpoint.save_path) / CONFIG_BESIDE_CHECKPOINT)
         self.tracker.log(self.timers.metrics(), step=step)
         self._say(f"HF model -> {self.cfg.checkpoint.save_path}")
+        return self.cfg.checkpoint.save_path
 
     # ------------------------------------------------------------ the loop
     def _train(self, step: int, start_epoch: int, start_batch: int, resumed: bool) -> int:
@@ -212,7 +241,7 @@ class SupervisedRun:
             if self.reference is None:
                 results = self.policy.call_split("train_step", shard_refs)
             else:
-                results = ray.get(self._train_with_reference_group(shard_refs))
+                results = get_failing_fast(self._train_with_reference_group(shard_refs))
         merged = merge_step_results(results, self.policy.tp_size)
         return train_metrics(merged, time.perf_counter() - start)
 
@@ -227,7 +256,7 @@ class SupervisedRun:
         dp, rows = self.plan.dp, self.eval_rows
         shards = split_evenly(rows, dp)
         if self.reference is not None:
-            scores = ray.get(self.reference.call_split_async("score_preference",
+            scores = get_failing_fast(self.reference.call_split_async("score_preference",
                                                              [ray.put(s) for s in shards])[::self.reference.tp_size])
             shards = [[{**row, "ref_chosen_logps": c, "ref_rejected_logps": r} for row, (c, r) in zip(shard, score)]
                       for shard, score in zip(shards, scores)]
@@ -245,9 +274,14 @@ class SupervisedRun:
         save_dir = checkpoint_dir(self.cfg.checkpoint.save_path, self.cfg.checkpoint.save_dir)
         directory = save_dir / f"step_{state['step']}"
         with self.timers("save"):
-            self.policy.call_all("save_checkpoint", str(directory), state)
-            self.cfg.save(directory / CONFIG_BESIDE_CHECKPOINT)
-            (directory / CHECKPOINT_STATE_FILE).write_text(json.dumps(state, indent=2))
-            rotated = rotate_checkpoints(save_dir, self.cfg.checkpoint.save_total_limit)
+            try:
+                self.policy.call_all("save_checkpoint", str(directory), state)
+                self.cfg.save(directory / CONFIG_BESIDE_CHECKPOINT)
+                (directory / CHECKPOINT_STATE_FILE).write_text(json.dumps(state, indent=2))
+                rotated = rotate_checkpoints(save_dir, self.cfg.checkpoint.save_total_limit)
+            except Exception as exc:
+                if rank_lost(exc, (self.policy, self.reference)) is not None:
+                    raise                   # a rank died: the restart loop's business, not a failed write
+                raise CheckpointWriteError(directory, state["step"], exc) from exc
         self._say(f"checkpoint -> {directory}" + (f" (removed {', '.join(p.name for p in rotated)})" if rotated else ""))
         return directory

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
+from rlhf_ray.placement.busy import pool_report
+from rlhf_ray.placement.pools import fmt_resources, label_selector
+
 
 @dataclass
 class GroupSpec:
@@ -16,7 +19,7 @@ class GroupSpec:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    pool: str | None = None          # node label `pool=<name>` (heterogeneous node pools, KubeRay worker groups)
+    pool: str | None = None          # `pool=<name>` node label or `accelerator_type:<T>` (placement/pools.py)
     tp_size: int = 1
     strategy: str = "PACK"           # placement-group strategy: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
     env_vars: dict[str, str] = field(default_factory=dict)
@@ -35,25 +38,38 @@ class GroupSpec:
         return bundle
 
 
-def build_placement_group(spec: GroupSpec, name: str = "", timeout_s: float = 120.0) -> PlacementGroup:
-    """Reserve one bundle per rank; fail with the numbers when the cluster cannot hold it."""
+DEFAULT_PLACEMENT_TIMEOUT_S = 120.0
+
+
+class PlacementTimeoutError(RuntimeError):
+    """A placement group that fits the cluster but was not free in time; the message names the pool's free
+    resources and the placement groups holding them."""
+
+
+def build_placement_group(spec: GroupSpec, name: str = "",
+                          timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S) -> PlacementGroup:
+    """Reserve one bundle per rank on spec.pool; fail with the numbers when the cluster cannot hold it, or with
+    PlacementTimeoutError when it is not free within timeout_s."""
     bundles = [spec.bundle() for _ in range(spec.num_workers)]
     total = ray.cluster_resources()
     for key in ("CPU", "GPU"):
         wanted = sum(b.get(key, 0) for b in bundles)
         if wanted > total.get(key, 0):
-            raise RuntimeError(_capacity_message(name, spec, total, f"needs {key}={wanted:g}"))
-    selector = [{"pool": spec.pool} for _ in bundles] if spec.pool else None
+            raise RuntimeError(_capacity_message(name, spec, f"needs {key}={wanted:g}",
+                                                 f"cluster has {fmt_resources(total)}"))
+    selector = [label_selector(spec.pool) for _ in bundles] if spec.pool else None
     pg = placement_group(bundles, strategy=spec.strategy, name=name, bundle_label_selector=selector)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(pg)
-        raise RuntimeError(_capacity_message(name, spec, ray.available_resources(), f"not free within {timeout_s:.0f}s"))
+        raise PlacementTimeoutError(_capacity_message(name, spec, f"not free within {timeout_s:g}s",
+                                                      pool_report(spec.pool), busy=True))
     return pg
 
 
-def _capacity_message(name: str, spec: GroupSpec, have: dict, why: str) -> str:
+def _capacity_message(name: str, spec: GroupSpec, why: str, have: str, busy: bool = False) -> str:
     pool = f" on pool {spec.pool!r}" if spec.pool else ""
-    return (f"group {name!r}: could not reserve {spec.num_workers} × {spec.bundle()}{pool} ({why}); cluster has "
-            f"CPU={have.get('CPU', 0):g}, GPU={have.get('GPU', 0):g}. Lower num_workers / cpus_per_worker / "
-            f"gpus_per_worker, or add nodes.")
+    fix = ("wait for those jobs to finish (or stop them), raise --placement_timeout_s, or lower num_workers / "
+           "cpus_per_worker / gpus_per_worker" if busy else
+           "lower num_workers / cpus_per_worker / gpus_per_worker, or add nodes")
+    return f"group {name!r}: could not reserve {spec.num_workers} × {spec.bundle()}{pool} ({why}); {have}; {fix}."

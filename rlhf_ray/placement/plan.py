@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlhf_ray.placement.groups import GroupSpec
-
-RESOURCE_KEYS = ("CPU", "GPU")
+from rlhf_ray.placement.pools import (ACCELERATOR_LABEL, POOL_LABEL, RESOURCE_KEYS, accelerator_of, fmt_resources,
+                                      node_accelerator, node_pools)
 
 
 def spec_from_parallel(parallel, env_vars: dict[str, str] | None = None) -> GroupSpec:
@@ -29,11 +29,15 @@ def spec_from_parallel(parallel, env_vars: dict[str, str] | None = None) -> Grou
 
 @dataclass
 class NodeCapacity:
-    """One alive node: its total resources and its `pool` label (None when unlabelled)."""
+    """One alive node: its total resources, its `pool` label and Ray's accelerator type (None when absent)."""
 
     node_id: str
     resources: dict[str, float]
     pool: str | None = None
+    accelerator: str | None = None
+
+    def pools(self) -> set[str]:
+        return node_pools(self.pool, self.accelerator)
 
 
 @dataclass
@@ -50,16 +54,17 @@ class ClusterCapacity:
         for node in ray.nodes():
             if not node.get("Alive"):
                 continue
-            labels = node.get("Labels") or {}
-            nodes.append(NodeCapacity(node_id=node["NodeID"], resources=dict(node.get("Resources") or {}),
-                                      pool=labels.get("pool")))
+            labels, resources = node.get("Labels") or {}, dict(node.get("Resources") or {})
+            nodes.append(NodeCapacity(node_id=node["NodeID"], resources=resources, pool=labels.get(POOL_LABEL),
+                                      accelerator=node_accelerator(labels, resources)))
         return cls(nodes)
 
     def pools(self) -> list[str]:
-        return sorted({n.pool for n in self.nodes if n.pool})
+        """Every pool name some node answers to (see placement/pools.py)."""
+        return sorted(set().union(*(n.pools() for n in self.nodes)))
 
     def nodes_in(self, pool: str | None) -> list[NodeCapacity]:
-        return [n for n in self.nodes if pool is None or n.pool == pool]
+        return [n for n in self.nodes if pool is None or pool in n.pools()]
 
     def total(self, pool: str | None = None) -> dict[str, float]:
         totals = {key: 0.0 for key in RESOURCE_KEYS}
@@ -69,8 +74,10 @@ class ClusterCapacity:
         return totals
 
 
-def _fmt(resources: dict[str, float]) -> str:
-    return ", ".join(f"{key}={resources.get(key, 0):g}" for key in RESOURCE_KEYS)
+def _how_to_add(pool: str) -> str:
+    if accelerator_of(pool):
+        return f"add nodes whose GPUs Ray detects as {accelerator_of(pool)} (the `{ACCELERATOR_LABEL}` node label)"
+    return f"label the nodes `{POOL_LABEL}={pool}`"
 
 
 @dataclass
@@ -106,15 +113,15 @@ class ResourcePlan:
         lines = ["resource plan:"]
         width = max((len(r) for r in self.roles), default=4)
         for role, spec in self.roles.items():
-            per = _fmt(spec.bundle())
+            per = fmt_resources(spec.bundle())
             pool = f"pool={spec.pool}" if spec.pool else "any node"
             layout = f"dp {spec.num_workers // spec.tp_size} × tp {spec.tp_size}" if spec.tp_size > 1 else ""
             lines.append(f"  {role.ljust(width)}  {spec.num_workers} × {{{per}}}  {pool}  {layout}".rstrip())
-        lines.append(f"  {'total'.ljust(width)}  {_fmt(self.total_demand())}")
+        lines.append(f"  {'total'.ljust(width)}  {fmt_resources(self.total_demand())}")
         if cluster is not None:
-            lines.append(f"  {'cluster'.ljust(width)}  {_fmt(cluster.total())} on {len(cluster.nodes)} node(s)")
+            lines.append(f"  {'cluster'.ljust(width)}  {fmt_resources(cluster.total())} on {len(cluster.nodes)} node(s)")
             for pool in cluster.pools():
-                lines.append(f"  {('  pool ' + pool).ljust(width)}  {_fmt(cluster.total(pool))}")
+                lines.append(f"  {('  pool ' + pool).ljust(width)}  {fmt_resources(cluster.total(pool))}")
         return "\n".join(lines)
 
     def _colocation_hint(self, cluster: ClusterCapacity) -> str | None:
@@ -129,7 +136,7 @@ class ResourcePlan:
         if any(shared[key] > have[key] + 1e-9 for key in RESOURCE_KEYS) or not any(
                 all(node.resources.get(k, 0) >= v for k, v in bundle.items() if v) for node in cluster.nodes):
             return None
-        return (f"colocated, the roles would fit: {workers} × {{{_fmt(bundle)}}} shared by {', '.join(self.roles)}; "
+        return (f"colocated, the roles would fit: {workers} × {{{fmt_resources(bundle)}}} shared by {', '.join(self.roles)}; "
                 f"add --colocate_all (rlhf-ray ppo / grpo) or --reference_placement colocate (rlhf-ray dpo)")
 
     def check(self, cluster: ClusterCapacity) -> None:
@@ -140,13 +147,13 @@ class ResourcePlan:
             if spec.pool and spec.pool not in known_pools:
                 problems.append(f"role {role!r} wants pool {spec.pool!r}, but the cluster has "
                                 f"{'pools ' + ', '.join(known_pools) if known_pools else 'no pool labels'}; "
-                                f"set --pool to one of them or label the nodes `pool={spec.pool}`")
+                                f"set --pool to one of them or {_how_to_add(spec.pool)}")
                 continue
             bundle = spec.bundle()
             if not any(all(node.resources.get(k, 0) >= v for k, v in bundle.items())
                        for node in cluster.nodes_in(spec.pool)):
                 problems.append(f"role {role!r}: no single node{' in pool ' + repr(spec.pool) if spec.pool else ''}"
-                                f" can hold one rank's {{{_fmt(bundle)}}}; lower cpus_per_worker / gpus_per_worker")
+                                f" can hold one rank's {{{fmt_resources(bundle)}}}; lower cpus_per_worker / gpus_per_worker")
         for pool in [None, *known_pools]:
             have = cluster.total(pool)
             # Unpinned roles may land anywhere, so they are checked against the whole cluster together with

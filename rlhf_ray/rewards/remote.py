@@ -7,7 +7,8 @@ Protocol: one POST of JSON per batch (or per `batch_size` slice):
     response {"rewards": [float, ...], "metrics": {"name": float, ...}}  # metrics optional
 
 Connection errors, timeouts, HTTP 429 and 5xx are retried `retries` times with exponential backoff; other 4xx
-answers and malformed bodies fail at once (retrying cannot fix them). Every failure is one RemoteRewardError
+answers, redirects (never followed: requests go only to the configured URL) and malformed bodies fail at once
+(retrying cannot fix them). Every failure is one RemoteRewardError
 naming the URL, the attempts made and what came back (status and first bytes, or the connection error). Server metrics are averaged over slices and
 reported as `reward/remote/<name>`; `reward/remote_attempts` counts the HTTP requests made.
 """
@@ -27,6 +28,17 @@ RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 class RemoteRewardError(RuntimeError):
     """The reward server could not be reached or answered wrongly; the message says which and how to fix it."""
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Requests go only to the URL the config names: a redirect (which would resend the headers, an Authorization
+    token among them, to another address) comes back as the HTTPError of its 3xx answer."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 @REWARD_SOURCES.register("remote")
@@ -98,10 +110,14 @@ class RemoteReward(RewardSource):
                 time.sleep(self.backoff_s * 2 ** (attempt - 2))
             request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
+                with _OPENER.open(request, timeout=self.timeout_s) as reply:
                     return reply.read(), attempt
             except urllib.error.HTTPError as error:
                 last_error = f"HTTP {error.code} {error.reason}: {error.read()[:300].decode(errors='replace')!r}"
+                if 300 <= error.code < 400:
+                    raise RemoteRewardError(f"reward server {self.url} redirected to {error.headers.get('Location')}"
+                                            f" ({last_error}); redirects are not followed: set --reward_url to the "
+                                            f"address that answers") from None
                 if error.code not in RETRYABLE_STATUS:
                     raise RemoteRewardError(f"reward server {self.url} refused the request on attempt {attempt}: "
                                             f"{last_error}") from None

@@ -22,6 +22,7 @@ all get the same data shard.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import ray
@@ -29,7 +30,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf_ray.placement.groups import GroupSpec, build_placement_group
+from rlhf_ray.placement.groups import DEFAULT_PLACEMENT_TIMEOUT_S, GroupSpec, build_placement_group
 from rlhf_ray.utils import split_evenly
 
 
@@ -38,11 +39,13 @@ class WorkerGroup:
 
     def __init__(self, worker_cls: type, spec: GroupSpec, *, name: str, worker_kwargs: dict | None = None,
                  placement: PlacementGroup | None = None, bundle_indices: Sequence[int] | None = None,
-                 setup_distributed: bool = True, backend: str | None = None, max_restarts: int = 0) -> None:
+                 setup_distributed: bool = True, backend: str | None = None, max_restarts: int = 0,
+                 placement_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S) -> None:
         self.name = name
         self.spec = spec
         self._owns_pg = placement is None
-        self.placement = placement or build_placement_group(spec, name=f"{name}-pg")
+        self.placement = placement or build_placement_group(spec, name=f"{name}-pg",
+                                                                 timeout_s=placement_timeout_s)
         indices = list(bundle_indices) if bundle_indices is not None else list(range(spec.num_workers))
         if len(indices) != spec.num_workers:
             raise ValueError(f"group {name!r}: {len(indices)} bundle indices for {spec.num_workers} workers")
@@ -98,7 +101,7 @@ class WorkerGroup:
         return [getattr(worker, method).remote(*args, **kwargs) for worker in self.workers]
 
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        return ray.get(self.call_all_async(method, *args, **kwargs))
+        return get_failing_fast(self.call_all_async(method, *args, **kwargs))
 
     def call_rank_async(self, rank: int, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
         return getattr(self.workers[rank], method).remote(*args, **kwargs)
@@ -121,7 +124,7 @@ class WorkerGroup:
                 for rank in range(self.world_size)]
 
     def call_split(self, method: str, *per_dp: Sequence[Any], **kwargs: Any) -> list[Any]:
-        return ray.get(self.call_split_async(method, *per_dp, **kwargs))
+        return get_failing_fast(self.call_split_async(method, *per_dp, **kwargs))
 
     def call_rows_async(self, method: str, batch: dict[str, Any], **kwargs: Any) -> list[ray.ObjectRef]:
         """Split the rows of `batch` evenly over the dp groups (`split_rows`) and call `method(shard, **kwargs)` on
@@ -139,6 +142,24 @@ class WorkerGroup:
         return refs
 
     # ------------------------------------------------------------ lifetime
+    def lost_ranks(self, timeout_s: float = 30.0, grace_s: float = 2.0) -> list[int]:
+        """Ranks whose actor is dead: its ping fails. Waits up to timeout_s for the first answer or failure (a lost
+        node takes Ray's health checks to declare), then only grace_s more once one rank is found dead: a rank that
+        does not answer is busy (e.g. blocked in a collective with the dead peer), not lost."""
+        pings = {worker.ping.remote(): rank for rank, worker in enumerate(self.workers)}
+        pending, lost = list(pings), []
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            wait_s = grace_s if lost else deadline - time.monotonic()
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(wait_s, 0.0))
+            if not done:
+                break
+            try:
+                ray.get(done)
+            except ray.exceptions.RayActorError:
+                lost.append(pings[done[0]])
+        return sorted(lost)
+
     def shutdown(self) -> None:
         for worker in self.workers:
             try:
@@ -151,6 +172,16 @@ class WorkerGroup:
                 remove_placement_group(self.placement)
             except Exception:  # noqa: BLE001
                 pass
+
+
+def get_failing_fast(refs: Sequence[ray.ObjectRef]) -> list[Any]:
+    """ray.get(refs), but the first failure is raised as soon as it exists: a dead rank's error surfaces at once
+    instead of after the surviving ranks' collectives time out waiting for it."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+    return ray.get(list(refs))
 
 
 def split_rows(batch: dict[str, Any], parts: int) -> list[dict[str, Any] | None]:

@@ -25,12 +25,13 @@ import torch
 from rlhf_ray.buffer.experience import Experience
 from rlhf_ray.buffer.replay_buffer import fetch_experience
 from rlhf_ray.rollout.weight_sync import WeightSyncSourceMixin
-from rlhf_ray.workers.rl_objectives import (RLLossSettings, actor_loss, compute_response_logprobs,
-                                            compute_response_values, critic_loss, units_of)
+from rlhf_ray.workers.rl_objectives import (RLLossSettings, actor_loss, apply_rollout_correction,
+                                            compute_response_logprobs, compute_response_values, critic_loss, units_of)
 from rlhf_ray.workers.trainer import TrainerWorker
 
 # Fields of an Experience a trainer micro-batch needs, per role.
-ACTOR_FIELDS = ("sequences", "attention_mask", "response_mask", "old_logprobs", "advantages", "ref_logprobs")
+ACTOR_FIELDS = ("sequences", "attention_mask", "response_mask", "old_logprobs", "advantages", "ref_logprobs",
+                "rollout_is_weights")
 CRITIC_FIELDS = ("sequences", "attention_mask", "response_mask", "values", "returns")
 
 
@@ -96,7 +97,9 @@ class RLWorker(TrainerWorker, WeightSyncSourceMixin):
                                f"train_batch_size × accumulation_steps = {expected} (the buffer arithmetic is checked "
                                f"at start-up; this is a bug)")
         parts = experience.minibatches(self.train_cfg.batch_size, shuffle_seed=seed)
-        return [{name: getattr(part, name) for name in fields if getattr(part, name) is not None} for part in parts]
+        batches = [{name: getattr(part, name) if hasattr(part, name) else part.extras.get(name)
+                    for name in fields} for part in parts]
+        return [{name: value for name, value in batch.items() if value is not None} for batch in batches]
 
     def _update(self, experience: Experience, fields: tuple[str, ...], loss_fn: Callable, num_update_steps: int,
                 seed: int, extra_batches: list[list[dict]] | None = None) -> list[dict[str, Any]]:
@@ -126,14 +129,20 @@ class RLWorker(TrainerWorker, WeightSyncSourceMixin):
     def ppo_update(self, chunk_refs: list, ptx_rows: list[dict] | None, num_update_steps: int,
                    seed: int) -> list[dict[str, Any]]:
         """The policy's update on its share of the buffer. When the experience carries no old log-probs (async
-        mode, or they were left to the trainer), they are computed here first, with the weights as they are now."""
+        mode, or they were left to the trainer), they are computed here first, with the weights as they are now (in
+        async mode: the proximal policy of the decoupled objective). The off-policy correction against the
+        sampler's log-probs is then applied once to the whole share; its metrics join every step's."""
         experience = fetch_experience(chunk_refs, self.tokenizer.pad_token_id)
         if experience.old_logprobs is None:
             experience.old_logprobs = self.compute_response_logprobs(
                 {"sequences": experience.sequences, "attention_mask": experience.attention_mask,
                  "response_len": experience.response_len}, self.loss_settings.temperature)
+        correction = apply_rollout_correction(experience, self.loss_settings.rollout_correction)
         extra = self._ptx_batches(ptx_rows, num_update_steps) if ptx_rows else None
-        return self._update(experience, ACTOR_FIELDS, actor_loss, num_update_steps, seed, extra)
+        results = self._update(experience, ACTOR_FIELDS, actor_loss, num_update_steps, seed, extra)
+        for result in results:        # merged as sums over units, like the loss metrics
+            result["sums"].update({key: value * result["units"] for key, value in correction.items()})
+        return results
 
     def critic_update(self, chunk_refs: list, num_update_steps: int, seed: int) -> list[dict[str, Any]]:
         experience = fetch_experience(chunk_refs, self.tokenizer.pad_token_id)

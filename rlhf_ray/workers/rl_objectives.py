@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from rlhf_ray.algorithms import (LossAggregation, PolicyLossParams, compute_entropy, compute_entropy_loss,
                                  compute_kl_loss, compute_policy_loss, compute_ptx_loss, compute_token_logprobs,
                                  compute_value_loss, count_tokens_and_sequences)
+from rlhf_ray.algorithms.off_policy import RolloutCorrectionParams, compute_rollout_correction
 from rlhf_ray.workers.objectives import causal_logits, position_ids_for
 
 
@@ -44,7 +45,14 @@ class RLLossSettings:
     kl_estimator: str = "low_var_kl"
     ptx_coef: float = 0.0
     loss_agg_mode: str = "token-mean"
+    max_response_len: int | None = None   # the generator's max_new_tokens: the constant of seq-mean-token-sum-norm
     temperature: float = 1.0
+    # sampler-mismatch / off-policy correction (algorithms/off_policy.py); resolved per mode by the driver
+    rollout_is: str | None = None
+    rollout_is_threshold: float = 2.0
+    rollout_rs: str | None = None
+    rollout_rs_threshold: float = 2.0
+    rollout_rs_threshold_lower: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +60,16 @@ class RLLossSettings:
     @property
     def policy_params(self) -> PolicyLossParams:
         return PolicyLossParams(self.clip_ratio_low, self.clip_ratio_high, self.dual_clip)
+
+    @property
+    def aggregation(self) -> LossAggregation:
+        """The micro-batch reduction (the global counts enter through `rescale`)."""
+        return LossAggregation(self.loss_agg_mode, max_response_len=self.max_response_len)
+
+    @property
+    def rollout_correction(self) -> RolloutCorrectionParams:
+        return RolloutCorrectionParams(self.rollout_is, self.rollout_is_threshold, self.rollout_rs,
+                                       self.rollout_rs_threshold, self.rollout_rs_threshold_lower)
 
 
 def response_span(full: torch.Tensor, response_len: int) -> torch.Tensor:
@@ -88,12 +106,31 @@ def _pad_right(tensor: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return tensor if tensor.shape[1] == width else F.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
 
+def apply_rollout_correction(experience, params: RolloutCorrectionParams) -> dict[str, float]:
+    """The off-policy correction on a rank's whole share of the buffer, before it is cut into micro-batches (the
+    sequence-level weights need whole responses; the loss units are counted on the corrected mask):
+    `experience.response_mask` loses the rejected tokens and `experience.extras["rollout_is_weights"]` gets the
+    weights. Needs `old_logprobs` and the sampler's `rollout_logprobs`. Returns the `rollout_corr/...` metrics
+    ({} when the correction is off)."""
+    if not params.enabled:
+        return {}
+    if experience.old_logprobs is None or experience.rollout_logprobs is None:
+        raise ValueError("the off-policy correction (--rollout_is / --rollout_rs) needs the trainer's old log-probs "
+                         "and the sampler's log-probs in the experience")
+    correction = compute_rollout_correction(experience.old_logprobs, experience.rollout_logprobs,
+                                            experience.response_mask, params)
+    experience.response_mask = correction.response_mask
+    experience.extras["rollout_is_weights"] = correction.weights
+    return correction.metrics
+
+
 def actor_loss(model, batch: dict[str, Any], settings: RLLossSettings,
                rescale: float) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy objective on one micro-batch (see the module docstring).
 
     batch: sequences, attention_mask `(B, P + R)`; response_mask, old_logprobs, advantages `(B, R)`;
-    ref_logprobs `(B, R)` when kl_loss_coef > 0; optionally ptx_input_ids / ptx_attention_mask / ptx_labels
+    ref_logprobs `(B, R)` when kl_loss_coef > 0; rollout_is_weights `(B, R)` when the off-policy correction is on
+    (see `apply_rollout_correction`); optionally ptx_input_ids / ptx_attention_mask / ptx_labels
     `(Bp, Lp)` (one forward pass carries both: the rows are right-padded to one width and stacked).
     Metrics are local means over this micro-batch: loss/policy, policy/* (clip fractions, approx KL, ratio),
     policy/entropy, loss/kl, loss/ptx, loss/total.
@@ -112,9 +149,10 @@ def actor_loss(model, batch: dict[str, Any], settings: RLLossSettings,
     span = response_span(logits[:rows, :sequences.shape[1]], response_len)                  # (B, R, V)
     logprobs = compute_token_logprobs(span, sequences[:, -response_len:], settings.temperature)
 
-    local = LossAggregation(settings.loss_agg_mode)
+    local = settings.aggregation
     pg_loss, metrics = compute_policy_loss(settings.policy_loss, logprobs, batch["old_logprobs"],
-                                           batch["advantages"], mask, settings.policy_params, local)
+                                           batch["advantages"], mask, settings.policy_params, local,
+                                           batch.get("rollout_is_weights"))
     rl_loss = pg_loss
     if settings.entropy_coef > 0:
         entropy_loss, entropy_metrics = compute_entropy_loss(compute_entropy(span, settings.temperature), mask, local)
@@ -150,5 +188,5 @@ def critic_loss(model, batch: dict[str, Any], settings: RLLossSettings,
     values = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask))
     values = response_span(values, mask.shape[1]).float()
     loss, metrics = compute_value_loss(values, batch["values"], batch["returns"], mask, settings.value_clip,
-                                       LossAggregation(settings.loss_agg_mode))
+                                       settings.aggregation)
     return loss * rescale, metrics

@@ -67,7 +67,7 @@ class TrainerWorker(RankedWorker):
         self.model: torch.nn.Module | None = None   # frozen mode only
         self.objective = None
         self.tokenizer = None
-        self.skipped_steps = 0                      # optimizer steps skipped for a non-finite gradient, this run
+        self.skipped_steps = 0                      # optimizer steps skipped for a non-finite gradient (checkpointed)
         self.bad_steps_in_a_row = 0
 
     # ------------------------------------------------------------ construction
@@ -85,9 +85,11 @@ class TrainerWorker(RankedWorker):
     def _load_model(self, for_training: bool, dtype) -> torch.nn.Module:
         from rlhf_ray.models.loading import load_causal_lm, load_value_model
 
+        compute = self._frozen_dtype()          # --mixed_precision: what the forward runs in (autocast when training)
         if self.model_kind == "value":
-            return load_value_model(self.model_cfg, dtype, for_training=for_training, seed=self.train_cfg.seed)
-        return load_causal_lm(self.model_cfg, dtype, for_training=for_training)
+            return load_value_model(self.model_cfg, dtype, for_training=for_training, seed=self.train_cfg.seed,
+                                    compute_dtype=compute)
+        return load_causal_lm(self.model_cfg, dtype, for_training=for_training, compute_dtype=compute)
 
     def _frozen_dtype(self) -> torch.dtype:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.train_cfg.mixed_precision]
@@ -119,6 +121,12 @@ class TrainerWorker(RankedWorker):
         trainable, total = count_parameters(module)
         return {"rank": self.rank, "parameters": total, "trainable_parameters": trainable,
                 "threads": torch.get_num_threads(), "pid": os.getpid()}
+
+    def setup_distributed(self, master_addr: str, master_port: int, backend: str | None = None,
+                          timeout_s: float | None = None) -> str:
+        """RankedWorker's, its collectives bounded by --collective_timeout_s unless a timeout is given."""
+        return super().setup_distributed(master_addr, master_port, backend,
+                                         timeout_s or self.train_cfg.collective_timeout_s)
 
     # ------------------------------------------------------------ training
     def _global_sum(self, local: float) -> float:
@@ -241,12 +249,18 @@ class TrainerWorker(RankedWorker):
 
     # ------------------------------------------------------------ state
     def save_checkpoint(self, directory: str, client_state: dict[str, Any] | None = None) -> str:
-        """Resumable state (model, optimizer, scheduler, RNG, client_state); every rank calls it."""
-        self.engine.save_checkpoint(directory, client_state or {})
+        """Resumable state (model, optimizer, scheduler, RNG, client_state and the skip counters); every rank
+        calls it."""
+        self.engine.save_checkpoint(directory, {**(client_state or {}), "skipped_steps": self.skipped_steps,
+                                                "bad_steps_in_a_row": self.bad_steps_in_a_row})
         return directory
 
     def load_checkpoint(self, directory: str) -> dict[str, Any]:
-        return self.engine.load_checkpoint(directory)
+        """Restore the engine and the skip counters; returns the client_state saved with it."""
+        state = self.engine.load_checkpoint(directory)
+        self.skipped_steps = int(state.pop("skipped_steps", 0))
+        self.bad_steps_in_a_row = int(state.pop("bad_steps_in_a_row", 0))
+        return state
 
     def save_hf(self, directory: str) -> str:
         """Plain HF directory (config, safetensors, tokenizer) that transformers and vLLM load; every rank calls it."""

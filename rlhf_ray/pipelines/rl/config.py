@@ -30,6 +30,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from rlhf_ray.algorithms.masking import LossAggMode
 from rlhf_ray.config.base import ConfigError, JobConfig, Section
 from rlhf_ray.config.sections import (CheckpointSection, LoggingSection, ModelSection, ParallelSection,
                                       ResourcesSection, TrainSection, WorkerResources)
@@ -79,7 +80,7 @@ class AlgorithmSection(Section):
     norm_adv_by_std: bool = Field(True, description="divide advantages by their (group or batch) std")
     gamma: float = Field(1.0, ge=0, le=1, description="discount")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
-    policy_loss: str = Field("ppo", description="ppo (clipped surrogate, optional dual clip) | gspo")
+    policy_loss: str = Field("ppo", description="ppo (clipped surrogate, optional dual clip) | gspo | cispo")
     clip_ratio_low: float = Field(0.2, ge=0, lt=1, description="ratio clipped below at 1 - clip_ratio_low")
     clip_ratio_high: float = Field(0.2, ge=0, description="ratio clipped above at 1 + clip_ratio_high")
     dual_clip: float | None = Field(None, gt=1, description="dual-clip bound c > 1 for negative advantages; "
@@ -96,9 +97,32 @@ class AlgorithmSection(Section):
                                                                             "KL coefficient")
     target_kl: float | None = Field(None, gt=0, description="adaptive: target summed KL per sequence")
     kl_horizon: float = Field(10000.0, gt=0, description="adaptive: controller horizon in samples")
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = Field(
-        "token-mean", description="how token losses reduce to a scalar over the global batch")
+    loss_agg_mode: LossAggMode = Field(
+        "token-mean", description="how token losses reduce to a scalar over the global batch; "
+                                  "seq-mean-token-sum-norm: sum / (sequences × max_new_tokens), Dr. GRPO")
     score_clip: float | None = Field(None, gt=0, description="clip sequence scores to [-c, c] before shaping")
+    # --- off-policy / sampler-mismatch correction (algorithms/off_policy.py; names as in veRL)
+    rollout_is: Literal["auto", "none", "token", "sequence"] = Field(
+        "auto", description="importance weight min(pi_old / pi_sampler, C) on each token's policy loss, per token "
+                            "or per sequence; auto = token in async mode (the decoupled objective), none in sync")
+    rollout_is_threshold: float = Field(2.0, gt=0, description="the cap C of the importance weight")
+    rollout_rs: Literal["none", "token", "sequence", "geometric"] = Field(
+        "none", description="drop tokens (token, IcePop) or whole responses (sequence: product of ratios; "
+                            "geometric: their geometric mean) whose pi_old / pi_sampler leaves the band")
+    rollout_rs_threshold: float = Field(2.0, gt=0, description="upper edge of the rejection band")
+    rollout_rs_threshold_lower: float | None = Field(None, ge=0, description="lower edge of the rejection band; "
+                                                                             "default 1 / rollout_rs_threshold")
+    # --- DAPO (Yu et al. 2025): dynamic sampling and overlong handling (names as in veRL)
+    filter_groups: bool = Field(False, description="dynamic sampling: drop groups whose rewards are all equal and "
+                                                   "generate more prompts until the batch is full")
+    max_num_gen_batches: int = Field(4, ge=1, description="dynamic sampling: at most this many generation rounds "
+                                                          "per collect step; a shortfall is filled with groups "
+                                                          "whose loss mask is all zero")
+    overlong_filter: bool = Field(False, description="truncated responses (cut at max_new_tokens) leave the loss")
+    overlong_buffer_len: int = Field(0, ge=0, description="soft overlong punishment over the last N tokens before "
+                                                          "max_new_tokens (linear, down to -overlong_penalty_factor); "
+                                                          "0 = off")
+    overlong_penalty_factor: float = Field(1.0, ge=0, description="the largest overlong penalty")
 
     @field_validator("advantage_estimator")
     @classmethod
@@ -211,7 +235,8 @@ class PlacementSection(Section):
                                                                "(time-share the same CPUs/GPUs)")
     colocate_critic_reward: bool = Field(False, description="critic and reward model share bundles")
     colocate_all: bool = Field(False, description="every role, generators included, on the same bundles")
-    generator_pool: str | None = Field(None, description="node pool of the generator engines")
+    generator_pool: str | None = Field(None, description="node pool of the generator engines (pool=<name> label "
+                                                         "or accelerator_type:<T>, as --pool)")
 
 
 # The seed's flat flag names (ColossalChat train_ppo.py, and this project's earlier flags) that are not a field's
@@ -224,6 +249,7 @@ RL_ALIASES = {
     "ref_gpus_per_worker": "reference.gpus_per_worker", "ref_pool": "reference.pool",
     "reward_num_workers": "reward.num_workers", "reward_cpus_per_worker": "reward.cpus_per_worker",
     "reward_gpus_per_worker": "reward.gpus_per_worker", "reward_pool": "reward.pool",
+    "max_restarts": "checkpoint.max_restarts", "generator_max_restarts": "generator.max_restarts",
 }
 PPO_ALIASES = {
     **RL_ALIASES, "pretrain": "model.pretrain", "lr": "train.lr",
@@ -344,6 +370,46 @@ class BufferPlan:
                           f"step is one optimizer step over the whole buffer). Try {fix}")
 
 
+def rollout_correction_settings(cfg: RLConfig) -> dict:
+    """The RLLossSettings fields of the off-policy correction, with "auto" resolved: in async mode with the
+    trainer's own old log-probs (the decoupled objective), token-level truncated IS; otherwise off."""
+    algo = cfg.algorithm
+    decoupled = cfg.rl.async_mode and cfg.rl.old_logprobs_source == "policy"
+    level = ("token" if decoupled else None) if algo.rollout_is == "auto" else algo.rollout_is
+    return {"rollout_is": None if level == "none" else level, "rollout_is_threshold": algo.rollout_is_threshold,
+            "rollout_rs": None if algo.rollout_rs == "none" else algo.rollout_rs,
+            "rollout_rs_threshold": algo.rollout_rs_threshold,
+            "rollout_rs_threshold_lower": algo.rollout_rs_threshold_lower}
+
+
+def sampler_logprobs_feed_training(cfg: RLConfig) -> str | None:
+    """Why the sampler's log-probs enter the loss or the KL (the setting that makes them), or None."""
+    correction = rollout_correction_settings(cfg)
+    if cfg.rl.old_logprobs_source == "rollout":
+        return "--old_logprobs_source rollout"
+    if correction["rollout_is"] or correction["rollout_rs"]:
+        return "the off-policy correction (--rollout_is / --rollout_rs; on by default in async mode)"
+    if cfg.rl.async_mode and cfg.algorithm.kl_coef > 0 and cfg.algorithm.kl_mode == "reward":
+        return "async mode with --kl_mode reward (the reward's KL uses the sampler's log-probs)"
+    return None
+
+
+def check_sampler_logprobs(cfg: RLConfig) -> None:
+    """Refuse sampling settings whose log-probs the trainer cannot reproduce when those log-probs are trained on.
+    The trainer computes log_softmax(logits / temperature) over the whole vocabulary; the sampler's log-probs are
+    that only with logprobs_mode processed (or temperature 1) and no top-p / top-k truncation."""
+    gen = cfg.generator
+    truncated = [flag for flag, on in (
+        (f"--top_p {gen.top_p}", gen.top_p < 1), (f"--top_k {gen.top_k}", gen.top_k > 0),
+        (f"--temperature {gen.temperature} with --logprobs_mode raw",
+         gen.logprobs_mode == "raw" and gen.temperature != 1)) if on]
+    reason = sampler_logprobs_feed_training(cfg) if truncated else None
+    if reason:
+        raise ConfigError(f"{', '.join(truncated)}: the sampler's log-probs then differ from the trainer's "
+                          f"log_softmax(logits / temperature) over the full vocabulary, and {reason} trains on them; "
+                          f"sample with --top_p 1 --top_k -1 (and --logprobs_mode processed), or turn that off")
+
+
 def check_rl_config(cfg: RLConfig, job: str) -> list[str]:
     """Checks across sections; raises ConfigError naming the flags. Returns derived decisions to print."""
     notes: list[str] = []
@@ -384,6 +450,18 @@ def check_rl_config(cfg: RLConfig, job: str) -> list[str]:
     if algo.ptx_coef > 0 and not cfg.data.pretrain_dataset:
         raise ConfigError(f"--ptx_coef {algo.ptx_coef} needs --pretrain_dataset (prepared with --type ptx)")
     BufferPlan.from_config(cfg).check()
+    if algo.filter_groups and not algo.needs_groups:
+        raise ConfigError(f"--filter_groups drops groups of equal rewards, which needs a group estimator; "
+                          f"--advantage_estimator {algo.advantage_estimator} has no groups (use grpo, rloo, ...)")
+    if algo.overlong_buffer_len > gen.max_new_tokens:
+        raise ConfigError(f"--overlong_buffer_len {algo.overlong_buffer_len} exceeds --max_new_tokens "
+                          f"{gen.max_new_tokens}; the buffer is the last part of the allowed length")
+    explicit = [f"--{name} {getattr(algo, name)}" for name in ("rollout_is", "rollout_rs")
+                if getattr(algo, name) not in ("auto", "none")]
+    if explicit and cfg.rl.old_logprobs_source == "rollout":
+        raise ConfigError(f"{' '.join(explicit)} compares the trainer's old log-probs with the sampler's, but "
+                          f"--old_logprobs_source rollout makes them the same; use --old_logprobs_source policy")
+    check_sampler_logprobs(cfg)
     if cfg.data.pretrain_dataset and algo.ptx_coef == 0:
         notes.append("--pretrain_dataset is given but --ptx_coef is 0: no ptx loss is computed")
     if algo.kl_coef == 0:
@@ -391,6 +469,9 @@ def check_rl_config(cfg: RLConfig, job: str) -> list[str]:
     if cfg.rl.async_mode and cfg.rl.old_logprobs_source == "policy":
         notes.append("async mode: the policy recomputes old log-probs at the start of each update (the policy is "
                      "busy training while the next batch is scored)")
+        if algo.rollout_is == "auto":
+            notes.append(f"async mode: decoupled objective, token-level importance weights min(pi_old / "
+                         f"pi_sampler, {algo.rollout_is_threshold}) on the policy loss (--rollout_is none: off)")
     if hasattr(cfg, "critic") and not algo.needs_critic:
         notes.append(f"advantage_estimator={algo.advantage_estimator!r} needs no critic: no critic group is started")
     if cfg.checkpoint.save_interval == 0:

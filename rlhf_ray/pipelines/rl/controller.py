@@ -31,16 +31,20 @@ import torch
 
 from rlhf_ray.buffer.replay_buffer import ReplayBuffer
 from rlhf_ray.checkpoint.atomic import atomic_directory, rotate_checkpoints
+from rlhf_ray.checkpoint.hf_export import CheckpointWriteError
 from rlhf_ray.checkpoint.layout import CONFIG_BESIDE_CHECKPOINT, checkpoint_dir
 from rlhf_ray.config.base import ConfigError
 from rlhf_ray.pipelines.rl.async_mode import AsyncCollector
 from rlhf_ray.pipelines.rl.config import BufferPlan
-from rlhf_ray.pipelines.rl.experience import (AdvantageSettings, build_experience, finalize_experience,
-                                              kl_controller_from, reward_model_inputs, scoring_batch)
+from rlhf_ray.pipelines.rl.experience import (AdvantageSettings, EpisodeKLController, build_experience,
+                                              fill_informative_groups, finalize_experience, reward_model_inputs,
+                                              scoring_batch)
 from rlhf_ray.pipelines.rl.metrics import merge_update_results
+from rlhf_ray.pipelines.restart import rank_lost
 from rlhf_ray.rewards.base import RewardBatch
 from rlhf_ray.telemetry.progress import progress
 from rlhf_ray.telemetry.timers import Timers
+from rlhf_ray.workers.group import get_failing_fast
 
 RL_STATE_FILE = "rl_state.json"
 
@@ -73,8 +77,8 @@ class RLController:
         self.template_ids = template_ids
         self.tokenizer, self.reward_source, self.tracker = tokenizer, reward_source, tracker
         self.plan = BufferPlan.from_config(cfg)
-        self.settings = AdvantageSettings.from_algorithm(cfg.algorithm)
-        self.kl_ctl = kl_controller_from(cfg.algorithm)
+        self.settings = AdvantageSettings.from_algorithm(cfg.algorithm, cfg.generator.max_new_tokens)
+        self.kl = EpisodeKLController(cfg.algorithm)     # collection may run ahead of training (async)
         self.temperature = cfg.generator.temperature
         self.buffer = ReplayBuffer(self.plan.dp, self.plan.samples_per_rank,
                                    max_staleness=cfg.rl.max_staleness if cfg.rl.async_mode else 0,
@@ -90,21 +94,39 @@ class RLController:
         steps = self.cfg.rl.num_collect_steps
         for step in range(steps):
             index = episode * steps + step                  # the run's collect-step number: data and seeds
-            rows = self.data.prompt_rows(index, self.plan.prompts_per_collect)
-            with timers("generate"):                                                    # 1a
-                rollouts = self.groups.generators.generate([row["input_ids"] for row in rows], seed_offset=index)
-            with timers("make_experience"):                                             # 1b
-                experience = build_experience(rollouts.rollouts, self.tokenizer.pad_token_id)
-            with timers("score"):                                                       # 1c
-                metrics = self.score(experience, rollouts.rollouts, rows)
+            round_metrics: list[dict] = []
+
+            def make_batch(refill: int):
+                prompts = self.plan.prompts_per_collect
+                rows = self.data.prompt_rows(index, prompts, refill)
+                with timers("generate"):                                                # 1a
+                    rollouts = self.groups.generators.generate([row["input_ids"] for row in rows],
+                                                               seed_offset=index + refill * 1_000_003)
+                with timers("make_experience"):                                         # 1b
+                    batch = build_experience(rollouts.rollouts, self.tokenizer.pad_token_id, refill * prompts)
+                with timers("score"):                                                   # 1c
+                    round_metrics.append({**rollouts.metrics(), **self.score(batch, rollouts.rollouts, rows)})
+                return batch
+
+            if self.cfg.algorithm.filter_groups:        # DAPO dynamic sampling: only groups with a signal
+                experience, sampling_metrics = fill_informative_groups(
+                    make_batch, self.plan.prompts_per_collect, self.cfg.algorithm.max_num_gen_batches,
+                    self.tokenizer.pad_token_id)
+            else:
+                experience, sampling_metrics = make_batch(0), {}
+            metrics = {key: sum(m.get(key, 0.0) for m in round_metrics) / len(round_metrics)
+                       for key in round_metrics[0]}
+            metrics.update(sampling_metrics)
             with timers("advantage"):                                                   # 1d
-                experience, advantage_metrics = finalize_experience(experience, self.settings, self.kl_ctl.value)
+                experience, advantage_metrics = finalize_experience(experience, self.settings,
+                                                                    self.kl.collecting.value)
                 if "reward/kl_sum" in advantage_metrics and self.settings.kl_mode == "reward":
-                    self.kl_ctl.update(advantage_metrics["reward/kl_sum"], experience.batch_size)
+                    self.kl.collecting.update(advantage_metrics["reward/kl_sum"], experience.batch_size)
             with timers("buffer_put"):                                                  # 1e
                 self.buffer.put(experience)
-            for key, value in {**rollouts.metrics(), **metrics, **advantage_metrics}.items():
+            for key, value in {**metrics, **advantage_metrics}.items():
                 sums[key] = sums.get(key, 0.0) + value / steps
+        self.kl.finish(episode)
         return {**sums, **timers.metrics()}
 
     def score(self, experience, rollouts, rows: list[dict]) -> dict[str, float]:
@@ -165,9 +187,9 @@ class RLController:
                                            num_update_steps=steps, seed=seed)
             critic_refs = [] if critic is None else critic.call_split_async("critic_update", chunks,
                                                                             num_update_steps=steps, seed=seed)
-            metrics = merge_update_results(ray.get(refs), policy.tp_size, "policy")
+            metrics = merge_update_results(get_failing_fast(refs), policy.tp_size, "policy")
             if critic is not None:
-                metrics.update(merge_update_results(ray.get(critic_refs), critic.tp_size, "critic"))
+                metrics.update(merge_update_results(get_failing_fast(critic_refs), critic.tp_size, "critic"))
         metrics.update(self.buffer.metrics())
         with timers("weight_sync"):                                                     # 3
             metrics.update(self.groups.generators.sync_weights_from(policy, version=self.version + 1))
@@ -195,11 +217,12 @@ class RLController:
                 start = time.perf_counter()
                 collected = collector.next(episode) if collector else self.collect_episode(episode)
                 updated = self.update_episode(episode)
+                self.kl.commit(episode)
                 if collector:
                     collector.set_version(self.version)
                 seconds = time.perf_counter() - start
                 metrics = {**collected, **updated, "timing/episode": seconds, "rl/policy_version": self.version,
-                           "reward/kl_coef": self.kl_ctl.value,
+                           "reward/kl_coef": self.kl.trained.value,
                            "perf/samples_per_s": self.plan.buffer_samples / max(seconds, 1e-9),
                            **self.startup_metrics}
                 if (episode + 1) % cfg.logging.log_interval == 0 or episode + 1 == cfg.rl.num_episodes:
@@ -223,7 +246,7 @@ class RLController:
         return checkpoint_dir(self.cfg.checkpoint.save_path, self.cfg.checkpoint.save_dir)
 
     def _state(self, episodes_done: int) -> dict:
-        return {"episode": episodes_done, "policy_version": self.version, "kl_coef": self.kl_ctl.value,
+        return {"episode": episodes_done, "policy_version": self.version, "kl_coef": self.kl.trained.value,
                 "job": self.job, "seed": self.cfg.train.seed, "samples_per_rank": self.plan.samples_per_rank,
                 "prompts_per_collect": self.plan.prompts_per_collect}
 
@@ -232,13 +255,18 @@ class RLController:
         then only the newest --save_total_limit step_N directories are kept."""
         directory = self.checkpoint_dir() / f"step_{episodes_done}"
         state = self._state(episodes_done)
-        with atomic_directory(directory) as tmp:
-            for name, group in (("policy", self.groups.policy), ("critic", self.groups.critic)):
-                if group is not None:
-                    group.call_all("save_checkpoint", str(tmp / name), state)
-            (tmp / RL_STATE_FILE).write_text(json.dumps(state, indent=2))
-            self.cfg.save(tmp / CONFIG_BESIDE_CHECKPOINT)
-        rotate_checkpoints(self.checkpoint_dir(), self.cfg.checkpoint.save_total_limit)
+        try:
+            with atomic_directory(directory) as tmp:
+                for name, group in (("policy", self.groups.policy), ("critic", self.groups.critic)):
+                    if group is not None:
+                        group.call_all("save_checkpoint", str(tmp / name), state)
+                (tmp / RL_STATE_FILE).write_text(json.dumps(state, indent=2))
+                self.cfg.save(tmp / CONFIG_BESIDE_CHECKPOINT)
+            rotate_checkpoints(self.checkpoint_dir(), self.cfg.checkpoint.save_total_limit)
+        except Exception as exc:
+            if rank_lost(exc, (self.groups.policy, self.groups.critic)) is not None:
+                raise                       # a rank died: not a failed write
+            raise CheckpointWriteError(directory, episodes_done, exc) from exc
         return directory
 
     def resume(self, directory: Path) -> None:
@@ -255,7 +283,7 @@ class RLController:
                 if not (directory / name).is_dir():
                     raise ConfigError(f"--checkpoint_path {directory}: no {name}/ checkpoint inside")
                 group.call_all("load_checkpoint", str(directory / name))
-        self.kl_ctl.load_state_dict({"value": state["kl_coef"]})
+        self.kl.load_state_dict({"value": state["kl_coef"]})
         self.version, self.start_episode = int(state["policy_version"]), int(state["episode"])
         self.groups.generators.sync_weights_from(self.groups.policy, version=self.version)
 

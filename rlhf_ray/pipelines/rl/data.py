@@ -37,9 +37,12 @@ class RLData:
     seed: int = 42
     shuffle: bool = True
 
-    def prompt_rows(self, collect_index: int, batch: int) -> list[dict]:
-        """The prompts of the run's collect step `collect_index` (0, 1, ... over all episodes)."""
-        picks = stream_indices(len(self.prompts), collect_index * batch, batch, self.seed, self.shuffle)
+    def prompt_rows(self, collect_index: int, batch: int, refill: int = 0) -> list[dict]:
+        """The prompts of the run's collect step `collect_index` (0, 1, ... over all episodes). `refill` r > 0:
+        dynamic sampling's r-th extra round for that step, from a stream of its own (seed shifted by r), so the
+        main stream, and the prompts a resumed run reads, do not depend on how many refills ran."""
+        picks = stream_indices(len(self.prompts), collect_index * batch, batch, self.seed + 7_919 * refill,
+                               self.shuffle)
         return [self.prompts[i] for i in picks]
 
     def ptx_rows(self, episode: int, per_episode: int, dp_rank: int, dp: int) -> list[dict]:

@@ -12,6 +12,7 @@ from typing import Any
 
 from rlhf_ray.config.base import settings_from
 from rlhf_ray.config.sections import ModelSection
+from rlhf_ray.pipelines.rl.config import rollout_correction_settings
 from rlhf_ray.pipelines.rl.roles import RolePlan
 from rlhf_ray.workers.rl_objectives import RLLossSettings
 
@@ -56,7 +57,8 @@ def loss_settings(cfg) -> RLLossSettings:
     sampling temperature the log-probs are recomputed at."""
     algo = cfg.algorithm
     return settings_from(RLLossSettings, algo, kl_loss_coef=algo.kl_coef if algo.kl_mode == "loss" else 0.0,
-                         kl_estimator=algo.resolved_kl_estimator, temperature=cfg.generator.temperature)
+                         kl_estimator=algo.resolved_kl_estimator, temperature=cfg.generator.temperature,
+                         max_response_len=cfg.generator.max_new_tokens, **rollout_correction_settings(cfg))
 
 
 def critic_model_path(cfg) -> str:
@@ -77,9 +79,9 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
     Every actor is created before anything waits on one (actor start-up, mostly imports, then overlaps across
     roles); the trainer groups join their process groups only after the generator engines are up.
     """
-    import ray
 
     from rlhf_ray.workers.generator_group import GeneratorGroup
+    from rlhf_ray.workers.group import get_failing_fast
     from rlhf_ray.workers.rl_actor import RLWorker
 
     pg = {role: placement_groups[plan.set_of(role)] for role in plan.specs}
@@ -120,7 +122,7 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
         builds += [groups.critic.call_all_async("build", steps)] if groups.critic is not None else []
         builds += [g.call_all_async("build", 1) for g in (groups.reference, groups.reward) if g is not None]
         for build in builds:
-            ray.get(build)
+            get_failing_fast(build)         # a rank dead while loading fails the start at once
     except BaseException:
         groups.shutdown()
         raise

@@ -135,11 +135,19 @@ def check_plan(plan: RolePlan) -> str:
     return plan.describe() + "\n" + resources.describe(cluster)
 
 
-def reserve_bundles(plan: RolePlan) -> dict[str, Any]:
-    """One placement group per set (the set's name -> PlacementGroup)."""
-    from rlhf_ray.placement.groups import build_placement_group
+def reserve_bundles(plan: RolePlan, timeout_s: float) -> dict[str, Any]:
+    """One placement group per set (the set's name -> PlacementGroup); a set not free within timeout_s releases
+    the sets reserved before it and raises ConfigError naming its pool's free resources and their holders."""
+    from rlhf_ray.placement.groups import PlacementTimeoutError, build_placement_group
 
-    return {name: build_placement_group(bundle, name=f"rl-{name}") for name, (bundle, _) in plan.sets.items()}
+    groups: dict[str, Any] = {}
+    try:
+        for name, (bundle, _) in plan.sets.items():
+            groups[name] = build_placement_group(bundle, name=f"rl-{name}", timeout_s=timeout_s)
+    except PlacementTimeoutError as exc:
+        release_bundles(groups)
+        raise ConfigError(str(exc)) from None
+    return groups
 
 
 def release_bundles(groups: dict[str, Any]) -> None:

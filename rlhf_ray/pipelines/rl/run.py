@@ -3,6 +3,7 @@
     check the config (every section, then across sections: buffer arithmetic, roles, reward source)
     -> load prompts (and ptx rows) -> connect to Ray -> plan roles and bundles, check them against the cluster
     -> start the groups (policy, critic, reference, reward model, generators) -> [resume] -> episodes -> HF export
+    a trainer rank lost on the way: everything torn down, again from the newest checkpoint (--max_restarts times)
 
 Everything a user can get wrong is refused before the first actor starts, with one message and exit status 2.
 """
@@ -64,6 +65,7 @@ def _check_engines(cfg) -> None:
 
 
 def run_rl(cfg, job: str) -> int:
+    from rlhf_ray.pipelines.model_checks import check_rl_models
     from rlhf_ray.pipelines.rl.data import load_rl_data, template_ids
     from rlhf_ray.pipelines.rl.groups import active_roles
     from rlhf_ray.pipelines.rl.roles import plan_roles
@@ -83,6 +85,7 @@ def run_rl(cfg, job: str) -> int:
                 raise ConfigError(f"--reward_fn: {exc}") from None
         data = load_rl_data(cfg)
         tokenizer = _load_tokenizer(cfg)
+        check_rl_models(cfg, tokenizer)                   # an architecture vLLM cannot serve, a missing chat template
         ids = template_ids(cfg.data.conversation_template_config, tokenizer)
         resume_from = resolve_checkpoint_path(cfg.checkpoint.checkpoint_path) if cfg.checkpoint.checkpoint_path \
             else None
@@ -103,24 +106,41 @@ def run_rl(cfg, job: str) -> int:
 
 
 def _run(cfg, job, data, tokenizer, ids, resume_from, prog) -> int:
+    from rlhf_ray.checkpoint.layout import checkpoint_dir
+    from rlhf_ray.pipelines.restart import run_with_restarts
+    from rlhf_ray.placement import connect_ray, disconnect_ray
+
+    started_ray = connect_ray()
+    try:
+        return run_with_restarts(lambda path: _attempt(cfg, job, data, tokenizer, ids, path, prog),
+                                 resume_from=resume_from, max_restarts=cfg.checkpoint.max_restarts, prog=prog,
+                                 save_dir=checkpoint_dir(cfg.checkpoint.save_path, cfg.checkpoint.save_dir))
+    finally:
+        disconnect_ray(started_ray)
+
+
+def _attempt(cfg, job, data, tokenizer, ids, resume_from, prog) -> int:
+    """Plan, start every role, [resume], run the episodes, export; everything started is torn down however it ends.
+    A lost trainer rank is raised as RankLostError for the restart loop (a generator engine's loss is the generator
+    group's own business: it re-queues that engine's prompts)."""
+    from rlhf_ray.checkpoint.hf_export import CheckpointWriteError, export_despite
+    from rlhf_ray.pipelines.restart import rank_lost
     from rlhf_ray.pipelines.rl.controller import RLController
     from rlhf_ray.pipelines.rl.groups import active_roles, start_roles
     from rlhf_ray.pipelines.rl.roles import check_plan, plan_roles, release_bundles, reserve_bundles
-    from rlhf_ray.placement import connect_ray, disconnect_ray
     from rlhf_ray.telemetry.tracker import build_tracker
     from rlhf_ray.workers.trainer import NonFiniteStepsError
 
     start = time.perf_counter()
-    started_ray = connect_ray()
     groups = controller = tracker = None
     bundles: dict = {}
     try:
         try:
             plan = plan_roles(cfg, active_roles(cfg))
             print(check_plan(plan), flush=True)
+            bundles = reserve_bundles(plan, cfg.train.placement_timeout_s)
         except ConfigError as exc:
             return _fail(prog, str(exc))
-        bundles = reserve_bundles(plan)
         generator_section = cfg.generator.model_copy(
             update={"stop_token_ids": sorted(set(cfg.generator.stop_token_ids) | set(ids.stop_ids))})
         groups = start_roles(cfg, plan, bundles, generator_section)
@@ -141,8 +161,17 @@ def _run(cfg, job, data, tokenizer, ids, resume_from, prog) -> int:
         except NonFiniteStepsError as exc:            # the checkpoints written so far stay; one message, exit 1
             print(f"{prog}: {NonFiniteStepsError.message(exc)}", file=sys.stderr)
             return 1
+        except CheckpointWriteError as failure:       # the policy is still on the ranks: export it, then fail
+            print(f"{prog}: {export_despite(failure, controller.export)}", file=sys.stderr)
+            return 1
         print(f"[{job}] HF policy -> {controller.export()}", flush=True)
         return 0
+    except Exception as exc:
+        lost = rank_lost(exc, [] if groups is None else [groups.policy, groups.critic, groups.reference,
+                                                         groups.reward])
+        if lost is None:
+            raise
+        raise lost from exc
     finally:
         if tracker is not None:
             tracker.close()
@@ -151,4 +180,3 @@ def _run(cfg, job, data, tokenizer, ids, resume_from, prog) -> int:
         if groups is not None:
             groups.shutdown()
         release_bundles(bundles)
-        disconnect_ray(started_ray)

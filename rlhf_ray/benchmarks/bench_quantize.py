@@ -89,7 +89,7 @@ def measure(model_dir: str, mode: str, new_tokens: int, held_count: int) -> dict
             labels = torch.tensor([ids])
             labels[0, :prompt_len] = -100
             loss = model(input_ids=torch.tensor([ids]), labels=labels).loss.float().item()
-            answer_tokens = len(ids) - prompt_len - 1        # labels shift by one inside the model
+            answer_tokens = len(ids) - prompt_len            # the tokens `loss` is the mean over
             nll, counted = nll + loss * answer_tokens, counted + answer_tokens
     return {"mode": mode, "weight_bytes": model.get_memory_footprint(), "rss_delta_bytes": _rss_bytes() - before,
             "tokens_per_s": sum(map(len, generated)) / seconds, "generate_s": seconds,

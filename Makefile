@@ -13,7 +13,7 @@ export WANDB_MODE ?= offline
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_DEDUP_LOGS ?= 0
 
-.PHONY: install demo demo-real test bench clean
+.PHONY: install demo demo-real test bench bench-trl clean
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ test: install
 
 bench: install
 	$(PY) -m rlhf_ray.cli bench
+
+# TRL's GRPOTrainer against `rlhf-ray grpo` (README: Benchmarks); TRL is installed here only, never by `make test`
+bench-trl: install
+	$(PY) -m rlhf_ray.benchmarks.bench_trl_peer --setup
+	$(PY) -m rlhf_ray.benchmarks.bench_trl_peer --sizes demo heavy
 
 clean:
 	rm -rf $(VENV) .pytest_cache

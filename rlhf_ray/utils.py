@@ -24,3 +24,12 @@ def split_evenly(items: Sequence[Any], parts: int) -> list[list[Any]]:
         chunks.append(list(items[start:start + size]))
         start += size
     return chunks
+
+
+def peak_rss_mib() -> float:
+    """This process's resident-memory high-water mark in MiB (getrusage: KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2 ** 20 if sys.platform == "darwin" else 1024)

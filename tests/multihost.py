@@ -2,7 +2,10 @@
 
     hosts = NetnsHosts(3).create()         # namespaces <prefix>-10.77.0.1 .. -10.77.0.3, bridge 10.77.0.254
     hosts.runner                           # "ip netns exec <prefix>-{host}": a command runner for a host's IP
+    hosts.hosts_running("ray::RLWorker")   # the IPs where such a process runs
+    hosts.kill_host("10.77.0.3")           # SIGKILL everything running on that host (a host that loses power)
     hosts.destroy()                        # deletes only the namespaces, veths and bridge it created
+    yield from netns_hosts(3, need_gib=6)  # a module fixture's body: the above, or a skip saying why not
 
 Each namespace has its own loopback and an `eth0` on the bridge (10.77.0.<i>/24); this machine reaches them through
 the bridge's address, so a client here (ray job submit, the state API) talks to a head inside one. Files and
@@ -14,7 +17,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
 
 SUBNET = "10.77.0"
 IFNAME = "eth0"   # the interface name inside every namespace (GLOO_SOCKET_IFNAME for torch.distributed)
@@ -77,12 +84,84 @@ class NetnsHosts:
             raise
         return self
 
+    def kill_host(self, ip: str, timeout_s: float = 10.0) -> int:
+        """SIGKILL every process in host `ip`'s namespace (its Ray node and every worker on it) until none is left;
+        returns how many were killed. Its address stays up, so peers get connections refused, not timeouts."""
+        killed, deadline = 0, time.monotonic() + timeout_s
+        while True:
+            listed = subprocess.run(["ip", "netns", "pids", self.namespace(ip)], capture_output=True, text=True,
+                                    check=True).stdout.split()
+            alive = [int(pid) for pid in listed if not _is_zombie(int(pid))]
+            if not alive:
+                return killed
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"host {ip}: processes {alive} survived SIGKILL for {timeout_s:g}s")
+            for pid in alive:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+
+    def hosts_running(self, title: str) -> list[str]:
+        """The IPs of the hosts with a process whose command line starts with `title` (Ray names an actor's
+        process `ray::<Class>`): where an actor is, at once, without asking Ray."""
+        found = []
+        for ip in self.ips:
+            listed = subprocess.run(["ip", "netns", "pids", self.namespace(ip)], capture_output=True, text=True,
+                                    check=True).stdout.split()
+            if any(_cmdline(int(pid)).startswith(title) for pid in listed):
+                found.append(ip)
+        return found
+
     def destroy(self) -> None:
         """Delete what create() made, newest first (a namespace's end of a veth goes with the namespace)."""
         for kind, name in reversed(self.created):
             args = ("netns", "del", name) if kind == "netns" else ("link", "del", name)
             subprocess.run(["ip", *args], capture_output=True)
         self.created = []
+
+
+def available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def netns_hosts(count: int, need_gib: float) -> Iterator[NetnsHosts]:
+    """A module fixture's body: yields `count` created hosts and destroys them after, or skips the tests saying why
+    they cannot run here (no vLLM, no network namespaces, under `need_gib` GiB of memory available)."""
+    import pytest
+
+    pytest.importorskip("vllm")
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    if available_gib() < need_gib:
+        pytest.skip(f"{count} Ray nodes and a GRPO job need ~{need_gib:g} GiB free; "
+                    f"{available_gib():.1f} GiB available")
+    made = NetnsHosts(count).create()
+    try:
+        yield made
+    finally:
+        made.destroy()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True        # already gone
 
 
 def small_grpo_job(model_dir, prompts, out, *placement: str) -> list[str]:

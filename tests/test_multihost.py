@@ -34,24 +34,9 @@ POOL_OF_CLASS = {"(job driver)": "head", "RLWorker": "train", "GeneratorWorker":
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
-def _available_gib() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 2**20
-    return 0.0
-
-
 @pytest.fixture(scope="module")
 def hosts():
-    pytest.importorskip("vllm")
-    reason = multihost.unavailable()
-    if reason:
-        pytest.skip(reason)
-    if _available_gib() < 6:
-        pytest.skip(f"three Ray nodes and a GRPO job need ~6 GiB free; {_available_gib():.1f} GiB available")
-    made = multihost.NetnsHosts(3).create()
-    yield made
-    made.destroy()
+    yield from multihost.netns_hosts(3, need_gib=6)
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -111,8 +96,9 @@ def actor_hosts(env: dict, job_id: str) -> list[dict]:
     driver = job["driver_info"]
     rows = [{"class": "(job driver)", "pid": int(driver["pid"]), "ip": driver["node_ip_address"],
              "pool": pool_of_ip[driver["node_ip_address"]]}]
-    rows += [{"class": a["class_name"], "pid": a["pid"], "ip": nodes[a["node_id"]][0], "pool": nodes[a["node_id"]][1]}
-             for a in state("actors", f"job_id={job['job_id']}")]
+    unplaced = ("-", None)                    # an actor waiting for a node (a restart) has none yet
+    rows += [{"class": a["class_name"], "pid": a["pid"], "ip": nodes.get(a["node_id"], unplaced)[0],
+              "pool": nodes.get(a["node_id"], unplaced)[1]} for a in state("actors", f"job_id={job['job_id']}")]
     print(f"\nactor -> host ({job_id}):\n  {'actor class':<24} {'pid':>7}  {'node ip':<12} pool")
     for row in sorted(rows, key=lambda r: (r["pool"] or "", r["class"])):
         print(f"  {row['class']:<24} {row['pid']:>7}  {row['ip']:<12} {row['pool']}")

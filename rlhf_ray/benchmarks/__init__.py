@@ -26,6 +26,14 @@ def results_dir(out: str | Path) -> Path:
     return path
 
 
+def set_quiet_env() -> None:
+    """One BLAS thread per process, no hub, no usage stats, no progress bars: the settings every RL benchmark runs
+    under (the caller's own values win)."""
+    for key, value in {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                       "RLHF_RAY_NO_PROGRESS": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+        os.environ.setdefault(key, value)
+
+
 def machine() -> str:
     """One line naming the machine a figure was measured on: OS, CPUs, memory, GPUs."""
     import torch

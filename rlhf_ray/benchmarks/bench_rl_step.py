@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rlhf_ray.benchmarks import add_out_flag, write_report
+from rlhf_ray.benchmarks import add_out_flag, set_quiet_env, write_report
 
 PHASES = ("generate", "score", "advantage", "buffer_put", "update", "weight_sync")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"        # shipped inside the package
@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=None, help="episodes per mode (default 8, quick 6)")
     add_out_flag(parser)
     args = parser.parse_args(argv)
-    for key, value in {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                       "RLHF_RAY_NO_PROGRESS": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-        os.environ.setdefault(key, value)
+    set_quiet_env()
     from rlhf_ray.fixtures.tiny import build_tiny_model
     from rlhf_ray.placement import connect_ray, disconnect_ray
 

@@ -1,22 +1,24 @@
-"""Rollout throughput: our generator group through Ray against the raw vLLM engine and transformers generate.
+"""Rollout throughput on your model and cluster: our generator group through Ray against the raw vLLM engine.
 
-    python -m rlhf_ray.benchmarks.bench_rollout --quick     # 1 engine, 16 prompts, n 1|4, 64 tokens   (a few minutes)
-    python -m rlhf_ray.benchmarks.bench_rollout             # engines 1|2 x prompts 8|32 x n 1|4 x tokens 32|128
+    rlhf-ray bench rollout                                         # tiny 13M Llama, arithmetic prompts, 1 engine
+    rlhf-ray bench rollout --model DIR --engines 4 --tensor_parallel_size 2 --synthetic \\
+        --input_len 64:512 --output_len skewed:128:2048:0.1 --n 8 --pool gen --bandwidth 3350
+    rlhf-ray submit -- bench rollout --model /models/qwen --engines 8 ...     # the same, on a Ray cluster
 
-Three ways to produce the same completions (the 'bench' tiny Llama, ~13M parameters, float32, so that decoding
-dominates; prompts are chat-formatted arithmetic questions):
-  (a) raw   one `vllm.LLM` in a plain child process (no Ray), one `llm.generate` call for the whole batch, timed
-            inside that process: the ceiling;
-  (b) group our GeneratorGroup: Ray actors, chunk dispatch, per-prompt seeds, log-prob extraction, text decode;
-  (c) hf    transformers `model.generate` in another plain child process, the whole batch at once (left-padded),
-            with scores.
-All three generate exactly max_new_tokens per sample (ignore_eos) and return the sampled tokens' log-probs.
-Ray starts its workers at niceness 15; the baselines run at 0. On a machine shared with other work that alone
-cost the group ~12% here, so by default this benchmark starts Ray with RAY_worker_niceness=0 (equal priority);
---ray_worker_niceness 15 measures Ray's default.
-The three run interleaved inside each configuration, in rotated order, best of --repeats rounds (more for short
-configurations, until each mode ran --min_seconds), so that the machine's background load hits them alike. Ratios (b)/(a) and (b)/(c) are of generated tokens per second.
-(a) is always one engine: with 2 engines, (b)/(a) is the scaling of the group over one raw engine.
+Modes, interleaved in rotated order, best of --repeats rounds (more until each ran --min_seconds):
+  raw    one `vllm.LLM` in a plain child process of the driver (no Ray), all prompts in one batch, each prompt with
+         its own max_tokens, streamed step by step: the ceiling, and the source of time to first token (TTFT) and
+         per-sample latency (when each prompt's last token came, from the start of the batch);
+  group  our GeneratorGroup (Ray actors, chunk dispatch, seeds, log-probs, decode) with 1, 2, 4 ... --engines
+         engines. Its generate() takes one max_new_tokens per call, so a length distribution with k distinct
+         values runs as k calls (short ones first); a sample's latency is when its call returned;
+  hf     (--hf, fixed lengths only) transformers generate in another child process, the whole batch left-padded.
+Every sample is exactly its drawn length (ignore_eos). Reported: generated tokens/s (total and per engine),
+prompts/s, TTFT and latency p50/p90/p99, scaling over 1 engine, group/raw at 1 engine, and the decode bound
+(memory bandwidth / weight bytes = decode steps/s of one engine; from --bandwidth or the card table in workload.py).
+The raw baseline runs where the driver runs (on a cluster: the head node; --skip_raw leaves it out).
+Ray starts its workers at niceness 15; the baselines run at 0, which on a loaded machine alone cost the group ~12%,
+so a locally started Ray gets RAY_worker_niceness=0 (--ray_worker_niceness 15 measures Ray's default).
 
 Writes <--out>/bench_rollout.json and bench_rollout.png (--quick: bench_rollout_quick.*).
 """
@@ -24,27 +26,16 @@ Writes <--out>/bench_rollout.json and bench_rollout.png (--quick: bench_rollout_
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
+import functools
 import os
+import random
 import sys
 import time
 from pathlib import Path
 
 from rlhf_ray.benchmarks import add_out_flag, results_dir, write_report
-
-
-def build_prompts(count: int) -> list[list[int]]:
-    from rlhf_ray.fixtures.demo_data import make_problems
-    from rlhf_ray.fixtures.tiny import load_tiny_tokenizer
-
-    tokenizer = load_tiny_tokenizer()
-    prompts = []
-    for problem in make_problems(count, seed=11):
-        messages = [{"role": "user", "content": problem.question}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        prompts.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
-    return prompts
+from rlhf_ray.benchmarks.workload import (LengthDist, arithmetic_prompts, device_bandwidth_gbps, file_prompts,
+                                          load_tokenizer, percentiles, synthetic_prompts, weight_bytes)
 
 
 def sampling_for(n: int, max_new: int) -> dict:
@@ -53,24 +44,43 @@ def sampling_for(n: int, max_new: int) -> dict:
 
 
 class RawVLLM:
-    """(a): the engine our backend builds, driven directly."""
+    """raw: the engine our backend builds, driven directly, one request per prompt with its own length."""
 
     def __init__(self, section, model_dir: str) -> None:
         from rlhf_ray.rollout.backends.vllm_backend import VLLMBackend
 
-        self.backend = VLLMBackend(section, model_dir, None, engine_seed=0)   # same LLM(...) arguments as (b)
+        self.backend = VLLMBackend(section, model_dir, None, engine_seed=0)   # same LLM(...) arguments as group
 
-    def run(self, prompts, sampling) -> int:
+    def run(self, prompts, lengths, n) -> dict:
+        """All prompts as one batch, streamed: seconds, tokens, and per-sample TTFT / latency in seconds."""
+        from vllm.sampling_params import RequestOutputKind
+
         from rlhf_ray.rollout.backends.vllm_backend import vllm_sampling_params
         from rlhf_ray.rollout.types import request_seed
 
-        params = [vllm_sampling_params(sampling, request_seed(0, 0, i)) for i in range(len(prompts))]
-        outputs = self.backend.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        engine = self.backend.llm.llm_engine
+        start = time.perf_counter()
+        for i, (prompt, length) in enumerate(zip(prompts, lengths)):
+            params = vllm_sampling_params(sampling_for(n, length), request_seed(0, 0, i))
+            params.output_kind = RequestOutputKind.DELTA
+            engine.add_request(f"bench-{i}", {"prompt_token_ids": prompt}, params)
+        first, last, tokens = {}, {}, 0
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                now = time.perf_counter() - start
+                for completion in output.outputs:
+                    key = (output.request_id, completion.index)
+                    tokens += len(completion.token_ids)
+                    if completion.token_ids:
+                        first.setdefault(key, now)
+                    if completion.finish_reason is not None:
+                        last[key] = now
+        return {"seconds": time.perf_counter() - start, "tokens": tokens, "ttft": list(first.values()),
+                "latency": list(last.values())}
 
 
 class RawHF:
-    """(c): transformers generate, whole batch left-padded, processed scores kept for log-probs."""
+    """hf: transformers generate, whole batch left-padded, processed scores kept for log-probs."""
 
     def __init__(self, model_dir: str) -> None:
         import torch
@@ -79,7 +89,7 @@ class RawHF:
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
-    def run(self, prompts, sampling) -> int:
+    def run(self, prompts, lengths, n) -> dict:
         torch = self.torch
         width = max(map(len, prompts))
         ids = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -89,20 +99,21 @@ class RawHF:
             mask[row, width - len(p):] = 1
         config = self.model.generation_config.__class__.from_dict(self.model.generation_config.to_dict())
         config.update(eos_token_id=[], do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0,
-                      max_new_tokens=sampling["max_new_tokens"], return_dict_in_generate=True, output_scores=True,
-                      num_return_sequences=sampling["n_samples_per_prompt"])
+                      max_new_tokens=lengths[0], return_dict_in_generate=True, output_scores=True,
+                      num_return_sequences=n)
         torch.manual_seed(0)
+        start = time.perf_counter()
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             new = out.sequences[:, width:]
             logprobs = torch.stack([torch.log_softmax(s, -1) for s in out.scores], 1).gather(-1, new.unsqueeze(-1))
-        assert logprobs.shape[:2] == new.shape and new.shape[1] == sampling["max_new_tokens"]
-        return new.numel()
+        assert logprobs.shape[:2] == new.shape and new.shape[1] == lengths[0]
+        return {"seconds": time.perf_counter() - start, "tokens": new.numel()}
 
 
 def _baseline_server(conn, mode: str, model_dir: str, section_fields: dict, threads: int) -> None:
-    """Child-process body hosting one baseline, (a) or (c), alone: no Ray in the process, and no other engine
-    (an HF model generating in the same process measurably slowed the vLLM engine there)."""
+    """Child-process body hosting one baseline alone: no Ray in the process, and no other engine (an HF model
+    generating in the same process measurably slowed the vLLM engine there)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -110,18 +121,12 @@ def _baseline_server(conn, mode: str, model_dir: str, section_fields: dict, thre
 
     engine = RawHF(model_dir) if mode == "hf" else RawVLLM(GeneratorSection(**section_fields), model_dir)
     conn.send("ready")
-    while True:
-        message = conn.recv()
-        if message is None:
-            return
-        prompts, sampling = message
-        start = time.perf_counter()
-        tokens = engine.run(prompts, sampling)
-        conn.send((time.perf_counter() - start, tokens))
+    while (message := conn.recv()) is not None:
+        conn.send(engine.run(*message))
 
 
 class Baseline:
-    """Driver-side handle of one baseline process; run(...) returns the (seconds, tokens) timed inside it."""
+    """Driver-side handle of one baseline process; run(prompts, lengths, n) returns the dict timed inside it."""
 
     def __init__(self, mode: str, model_dir: str, section_fields: dict, threads: int) -> None:
         import multiprocessing as mp
@@ -133,8 +138,8 @@ class Baseline:
         self.process.start()
         assert self.conn.recv() == "ready"
 
-    def run(self, prompts, sampling) -> tuple[float, int]:
-        self.conn.send((prompts, sampling))
+    def run(self, prompts, lengths, n) -> dict:
+        self.conn.send((prompts, lengths, n))
         return self.conn.recv()
 
     def close(self) -> None:
@@ -142,8 +147,21 @@ class Baseline:
         self.process.join(timeout=60)
 
 
+def run_group(group, prompts, lengths, n) -> dict:
+    """One generate call per distinct length, shortest first; a sample's latency is its call's return time."""
+    start = time.perf_counter()
+    tokens, latency = 0, []
+    for length in sorted(set(lengths)):
+        chosen = [p for p, L in zip(prompts, lengths) if L == length]
+        result = group.generate(chosen, sampling={"n_samples_per_prompt": n, "max_new_tokens": length,
+                                                  "ignore_eos": True}, seed_offset=0)
+        tokens += sum(len(s.response_ids) for r in result for s in r.samples)
+        latency += [time.perf_counter() - start] * (len(chosen) * n)
+    return {"seconds": time.perf_counter() - start, "tokens": tokens, "latency": latency}
+
+
 def ray_round_trip_ms(group) -> float:
-    """Median latency of an empty actor call: the fixed cost (b) pays per chunk on top of generation."""
+    """Median latency of an empty actor call: the fixed cost the group pays per chunk on top of generation."""
     import statistics
 
     samples = []
@@ -154,158 +172,234 @@ def ray_round_trip_ms(group) -> float:
     return statistics.median(samples)
 
 
-def timed_interleaved(modes: dict, repeats: int, min_seconds: float) -> dict[str, tuple[float, int]]:
-    """Best time per mode over at least `repeats` rounds, and more rounds until every mode has run for
-    `min_seconds` in total (short configurations get more tries); each round runs every mode once, in a rotated
-    order, so that a burst of background load or a warm cache does not favour one mode."""
-    best = {name: (float("inf"), 0) for name in modes}
-    spent = {name: 0.0 for name in modes}
+def timed_interleaved(modes: dict, repeats: int, min_seconds: float) -> dict[str, dict]:
+    """Best run per mode over at least `repeats` rounds, and more rounds until every mode has run for
+    `min_seconds` in total; each round runs every mode once, in a rotated order, so that a burst of background
+    load or a warm cache does not favour one mode."""
+    best = {name: {"seconds": float("inf")} for name in modes}
+    spent = dict.fromkeys(modes, 0.0)
     names = list(modes)
     round_ = 0
     while round_ < repeats or min(spent.values()) < min_seconds:
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            seconds, tokens = modes[name]()
-            best[name] = (min(best[name][0], seconds), tokens)
-            spent[name] += seconds
+            run = modes[name]()
+            spent[name] += run["seconds"]
+            if run["seconds"] < best[name]["seconds"]:
+                best[name] = run
         round_ += 1
     return best
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one engine count, one batch size, one length")
-    parser.add_argument("--flavour", default="bench", help="tiny model flavour (bench: ~13M params)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per engine (all three modes)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per mode (best kept)")
+def summarise(run: dict, num_prompts: int, engines: int) -> dict:
+    """tokens/s (total, per engine), prompts/s and latency percentiles of one best run."""
+    row = {"seconds": run["seconds"], "tokens": run["tokens"], "tokens_per_s": run["tokens"] / run["seconds"],
+           "tokens_per_s_per_engine": run["tokens"] / run["seconds"] / engines,
+           "prompts_per_s": num_prompts / run["seconds"]}
+    for key in ("ttft", "latency"):
+        if key in run:
+            row[f"{key}_s"] = percentiles(run[key])
+    return row
+
+
+def engine_counts(most: int) -> list[int]:
+    """1, 2, 4, ... up to and including `most`."""
+    counts = [1]
+    while counts[-1] * 2 < most:
+        counts.append(counts[-1] * 2)
+    return counts + ([most] if most > 1 else [])
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="rlhf-ray bench rollout", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="HF model directory (default: the 13M 'bench' tiny Llama, "
+                                                       "built under --out/models)")
+    parser.add_argument("--engines", type=int, default=None, help="most engines; runs 1, 2, 4 ... up to it "
+                                                                  "(default 1, 2 without --quick)")
+    parser.add_argument("--tensor_parallel_size", type=int, default=1, help="GPUs per engine")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--prompts", default=None, help="prompt file: JSON lines with \"prompt\" or \"messages\", "
+                                                        "or one prompt per line (default: arithmetic questions)")
+    source.add_argument("--synthetic", action="store_true", help="random token ids with --input_len lengths")
+    parser.add_argument("--num_prompts", type=int, default=None, help="prompts per batch (default 32; quick 16)")
+    parser.add_argument("--input_len", default="64", help="prompt lengths with --synthetic: N, LOW:HIGH, "
+                                                          "skewed:SHORT:LONG:FRACTION")
+    parser.add_argument("--output_len", default=None, help="new tokens per sample, same forms (default 128; "
+                                                           "quick 64)")
+    parser.add_argument("--n", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--pool", default=None, help="node pool of the engines (pool=<name> label or "
+                                                     "accelerator_type:<T>)")
+    parser.add_argument("--bandwidth", type=float, default=None, help="memory bandwidth in GB/s for the decode "
+                                                                      "bound (default: the card table; none on CPU)")
+    parser.add_argument("--quick", action="store_true", help="16 prompts, 64 new tokens, 1 engine, with hf")
+    parser.add_argument("--hf", action="store_true", help="add the transformers baseline (fixed --output_len)")
+    parser.add_argument("--skip_raw", action="store_true", help="leave out the raw vLLM baseline")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per engine on CPU (all modes)")
+    parser.add_argument("--kv_cache_gib", type=float, default=1.0, help="KV cache per engine on CPU, GiB")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per mode at least (best kept)")
     parser.add_argument("--min_seconds", type=float, default=4.0,
-                        help="keep repeating a configuration until each mode ran this long in total")
-    parser.add_argument("--skip_hf", action="store_true", help="leave out (c)")
+                        help="keep repeating until each mode ran this long in total")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the drawn lengths and synthetic prompts")
     parser.add_argument("--ray_worker_niceness", type=int, default=0,
-                        help="niceness of the Ray worker processes (Ray's own default is 15, which on a shared, "
-                             "loaded machine costs the generators CPU share against the nice-0 baselines)")
+                        help="niceness of locally started Ray workers (Ray's own default is 15)")
     add_out_flag(parser)
     args = parser.parse_args(argv)
+    args.engines = args.engines or (1 if args.quick else 2)
+    args.num_prompts = args.num_prompts or (16 if args.quick else 32)
+    try:
+        args.output_len = LengthDist.parse(args.output_len or ("64" if args.quick else "128"), "--output_len")
+        args.input_len = LengthDist.parse(args.input_len, "--input_len")
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.hf = args.hf or args.quick
+    if args.hf and args.output_len.kind != "fixed":
+        parser.error(f"--hf needs a fixed --output_len (got {args.output_len.describe()}); drop --hf")
+    for flag in ("engines", "num_prompts", "n", "tensor_parallel_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} {getattr(args, flag)}: must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     results = results_dir(args.out)
     os.environ["RAY_worker_niceness"] = str(args.ray_worker_niceness)     # read by the raylet ray.init starts
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if args.quick:
-        engines_list, batches, samples, lengths, repeats = [1], [16], [1, 4], [64], args.repeats or 5
-    else:
-        engines_list, batches, samples, lengths, repeats = [1, 2], [8, 32], [1, 4], [32, 128], args.repeats or 3
-
-    import ray
     import torch
 
     torch.set_num_threads(args.threads)
+    from transformers import AutoConfig
+
     from rlhf_ray.fixtures.tiny import build_tiny_model
+    from rlhf_ray.placement.cluster import connect_ray, disconnect_ray
+    from rlhf_ray.placement.groups import GroupSpec, build_placement_group
     from rlhf_ray.rollout.config import GeneratorSection
     from rlhf_ray.workers.generator_group import GeneratorGroup
 
-    model_dir = str(build_tiny_model(results / "models" / f"tiny-{args.flavour}", flavour=args.flavour, seed=0))
-    max_len = max(lengths)
-    base = dict(cpus_per_engine=1, cpu_threads=args.threads, max_prompt_len=64, max_new_tokens=max_len,
-                kv_cache_gib=1, ignore_eos=True, max_restarts=0)
-    prompts_all = build_prompts(max(batches))
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-                   .parameters())
-    hf = not args.skip_hf
-    baselines = {"raw_vllm": Baseline("raw_vllm", model_dir, base, args.threads)}
-    if hf:
+    model_dir = args.model or str(build_tiny_model(results / "models" / "tiny-bench", flavour="bench", seed=0))
+    rng = random.Random(args.seed)
+    tokenizer = load_tokenizer(model_dir)
+    if args.synthetic:
+        prompts = synthetic_prompts(AutoConfig.from_pretrained(model_dir).vocab_size,
+                                    args.input_len.sample(args.num_prompts, rng), rng)
+    elif args.prompts:
+        prompts = file_prompts(tokenizer, args.prompts, args.num_prompts)
+    else:
+        prompts = arithmetic_prompts(tokenizer, args.num_prompts)
+    lengths = args.output_len.sample(args.num_prompts, rng)
+    max_prompt = max(map(len, prompts))
+    base = dict(tensor_parallel_size=args.tensor_parallel_size, cpus_per_engine=1, cpu_threads=args.threads,
+                max_prompt_len=max_prompt, max_new_tokens=max(lengths), max_model_len=max_prompt + max(lengths) + 8,
+                kv_cache_gib=args.kv_cache_gib, ignore_eos=True, max_restarts=0)
+    nbytes = weight_bytes(model_dir)
+    bandwidth, bandwidth_source = device_bandwidth_gbps(args.bandwidth)
+    workload = {"model": model_dir if args.model else "tiny-bench (13M)", "weight_bytes": nbytes,
+                "num_prompts": args.num_prompts, "n": args.n, "prompt_tokens": [min(map(len, prompts)), max_prompt],
+                "prompts": "synthetic " + args.input_len.describe() if args.synthetic else args.prompts or
+                "arithmetic (chat)", "output_len": args.output_len.describe(),
+                "generated_tokens": sum(lengths) * args.n, "tensor_parallel_size": args.tensor_parallel_size,
+                "pool": args.pool, "threads_per_engine": args.threads}
+    print(f"rollout bench: {workload}", flush=True)
+    baselines = {} if args.skip_raw else {"raw": Baseline("raw", model_dir, base, args.threads)}
+    if args.hf:
         baselines["hf"] = Baseline("hf", model_dir, base, args.threads)
-    print(f"model: tiny-{args.flavour}, {n_params / 1e6:.1f}M params, float32; prompts "
-          f"{min(map(len, prompts_all))}-{max(map(len, prompts_all))} tokens; threads/engine {args.threads}; "
-          f"best of {repeats}; Ray worker niceness {args.ray_worker_niceness}; 2-core CPU, loaded machine")
-    ray.init(address="local", num_cpus=max(engines_list) + 1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}})
+    started = connect_ray(num_cpus=args.engines + 1, env_vars={"OMP_NUM_THREADS": str(args.threads)})
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    gpus_per_engine = float(args.tensor_parallel_size) if ray.cluster_resources().get("GPU") else 0.0
     rows = []
     try:
-        for engines in engines_list:
-            group = GeneratorGroup(GeneratorSection(num_engines=engines, **base), model_dir, name=f"bench-{engines}")
-            warm = sampling_for(1, 8)
-            baselines["raw_vllm"].run(prompts_all[:4], warm)
-            group.generate(prompts_all[:4], sampling={k: warm[k] for k in ("max_new_tokens", "ignore_eos")})
-            if hf:
-                baselines["hf"].run(prompts_all[:2], warm)
-            round_trip_ms = ray_round_trip_ms(group)
-            print(f"engines {engines}: Ray round trip to an engine (empty call, median of 20) "
-                  f"{round_trip_ms:.1f} ms", flush=True)
-            for batch, n, length in itertools.product(batches, samples, lengths):
-                prompts = prompts_all[:batch]
-                sampling = sampling_for(n, length)
-                overrides = {k: sampling[k] for k in ("n_samples_per_prompt", "max_new_tokens", "ignore_eos")}
-                row = {"engines": engines, "prompts": batch, "n": n, "max_new_tokens": length,
-                       "ray_round_trip_ms": round_trip_ms}
-
-                def run_group():
-                    start = time.perf_counter()
-                    result = group.generate(prompts, sampling=overrides, seed_offset=0)
-                    return time.perf_counter() - start, sum(len(s.response_ids) for r in result for s in r.samples)
-
-                modes = {"raw_vllm": lambda: baselines["raw_vllm"].run(prompts, sampling), "group": run_group}
-                if hf:
-                    modes["hf"] = lambda: baselines["hf"].run(prompts, sampling)
-                for mode, (seconds, tokens) in timed_interleaved(modes, repeats, args.min_seconds).items():
-                    assert tokens == batch * n * length, (mode, tokens)
-                    row[mode] = {"seconds": seconds, "tokens_per_s": tokens / seconds,
-                                 "prompts_per_s": batch / seconds}
-                row["group_over_raw"] = row["group"]["tokens_per_s"] / row["raw_vllm"]["tokens_per_s"]
-                if hf:
-                    row["group_over_hf"] = row["group"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
-                rows.append(row)
-                print(f"engines {engines} prompts {batch:3d} n {n} tokens {length:4d} | tok/s raw "
-                      f"{row['raw_vllm']['tokens_per_s']:8.0f} group {row['group']['tokens_per_s']:8.0f}"
-                      + (f" hf {row['hf']['tokens_per_s']:8.0f}" if hf else "")
-                      + f" | (b)/(a) {row['group_over_raw']:.3f}"
-                      + (f" (b)/(c) {row['group_over_hf']:.2f}" if hf else ""), flush=True)
+        for engines in engine_counts(args.engines):
+            section = GeneratorSection(num_engines=engines, **base)
+            placement = build_placement_group(GroupSpec(num_workers=engines, cpus_per_worker=1, pool=args.pool,
+                                                        gpus_per_worker=gpus_per_engine), name=f"rollout-{engines}-pg")
+            group = GeneratorGroup(section, model_dir, name=f"bench-rollout-{engines}", placement=placement)
+            modes = {"group": functools.partial(run_group, group)}
+            if engines == 1:                     # the baselines are one engine: compare where the group is too
+                modes.update({name: b.run for name, b in baselines.items()})
+            for run in modes.values():           # warm-up: first calls pay for allocation and compilation
+                run(prompts[:2], [min(lengths)] * 2, 1)
+            best = timed_interleaved({name: (lambda run=run: run(prompts, lengths, args.n))
+                                      for name, run in modes.items()}, args.repeats, args.min_seconds)
+            row = {"engines": engines, "ray_round_trip_ms": ray_round_trip_ms(group)}
+            for mode, run in best.items():
+                assert run["tokens"] == workload["generated_tokens"], (mode, run["tokens"])
+                row[mode] = summarise(run, args.num_prompts, engines if mode == "group" else 1)
+            rows.append(row)
             group.shutdown()
+            remove_placement_group(placement)
+            while baselines and engines == 1:      # measured: free their memory (and GPU) for the larger groups
+                baselines.popitem()[1].close()
+            print_row(row)
     finally:
-        ray.shutdown()
+        disconnect_ray(started)
         for baseline in baselines.values():
             baseline.close()
-
-    one_engine = [r for r in rows if r["engines"] == 1]
-    summary = {"group_over_raw_min_1_engine": min(r["group_over_raw"] for r in one_engine),
-               "group_over_raw_mean_1_engine": sum(r["group_over_raw"] for r in one_engine) / len(one_engine)}
-    if hf:
-        summary["group_over_hf_min"] = min(r["group_over_hf"] for r in one_engine)
-        summary["group_over_hf_max"] = max(r["group_over_hf"] for r in one_engine)
-    report = {"benchmark": "rollout", "quick": args.quick, "model": f"tiny-{args.flavour}",
-              "params": n_params,
-              "threads_per_engine": args.threads, "repeats": repeats,
-              "ray_worker_niceness": args.ray_worker_niceness, "min_seconds": args.min_seconds,
-              "rows": rows, "summary": summary}
+    summary = {"group_tokens_per_s": {r["engines"]: r["group"]["tokens_per_s"] for r in rows},
+               "scaling_over_1_engine": {r["engines"]: r["group"]["tokens_per_s"] / rows[0]["group"]["tokens_per_s"]
+                                         for r in rows}}
+    for name in [m for m in ("raw", "hf") if m in rows[0]]:
+        summary[f"group_over_{name}_1_engine"] = rows[0]["group"]["tokens_per_s"] / rows[0][name]["tokens_per_s"]
+    if bandwidth:
+        steps = bandwidth * 1e9 / nbytes
+        summary["decode_bound"] = {"bandwidth_gbps": bandwidth, "source": bandwidth_source,
+                                   "steps_per_s_per_engine": steps,
+                                   "tokens_per_s_per_engine_at_batch": steps * args.num_prompts * args.n}
+    else:
+        summary["decode_bound"] = {"bandwidth_gbps": None, "source": bandwidth_source}
+    report = {"benchmark": "rollout", "quick": args.quick, "workload": workload, "repeats": args.repeats,
+              "min_seconds": args.min_seconds, "ray_worker_niceness": args.ray_worker_niceness,
+              "group_length_classes": len(set(lengths)), "rows": rows, "summary": summary}
+    print(f"summary: {summary}", flush=True)
     stem = "bench_rollout_quick" if args.quick else "bench_rollout"
-    print(json.dumps(summary, indent=2))
     write_report(results, f"{stem}.json", report)
-    plot(rows, results / f"{stem}.png", bool(hf))
+    plot(rows, summary, results / f"{stem}.png")
     print(f"wrote {results / (stem + '.png')}")
     return 0
 
 
-def plot(rows: list[dict], path: Path, with_hf: bool) -> None:
+def print_row(row: dict) -> None:
+    def fmt(mode: str) -> str:
+        r = row[mode]
+        lat = r.get("latency_s") or {}
+        ttft = r.get("ttft_s")
+        return (f"{mode} {r['tokens_per_s']:8.0f} tok/s ({r['tokens_per_s_per_engine']:.0f}/engine, "
+                f"{r['prompts_per_s']:.1f} prompts/s" + (f", latency p50/p90/p99 {lat['p50']:.2f}/{lat['p90']:.2f}/"
+                                                         f"{lat['p99']:.2f}s" if lat else "")
+                + (f", TTFT p50/p99 {ttft['p50'] * 1e3:.0f}/{ttft['p99'] * 1e3:.0f} ms" if ttft else "") + ")")
+
+    modes = [m for m in ("group", "raw", "hf") if m in row]
+    print(f"engines {row['engines']}: " + " | ".join(fmt(m) for m in modes), flush=True)
+    for name in modes[1:]:
+        print(f"  group/{name} {row['group']['tokens_per_s'] / row[name]['tokens_per_s']:.3f}", flush=True)
+
+
+def plot(rows: list[dict], summary: dict, path: Path) -> None:
+    """Left: tokens/s by engine count (group, raw/hf at 1 engine, linear scaling). Right: latency percentiles."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"E{r['engines']} P{r['prompts']}\nn{r['n']} T{r['max_new_tokens']}" for r in rows]
-    modes = ["raw_vllm", "group"] + (["hf"] if with_hf else [])
-    names = {"raw_vllm": "(a) raw vLLM", "group": "(b) GeneratorGroup (Ray)", "hf": "(c) transformers"}
-    width = 0.8 / len(modes)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5))
-    for k, mode in enumerate(modes):
-        ax.bar([i + k * width for i in range(len(rows))], [r[mode]["tokens_per_s"] for r in rows], width,
-               label=names[mode])
-    ax.set_xticks([i + width * (len(modes) - 1) / 2 for i in range(len(rows))], labels, fontsize=7)
-    ax.set_ylabel("generated tokens / s")
-    ax.set_title("rollout throughput (E engines, P prompts, n samples, T new tokens); 2-core CPU, loaded")
-    ax.legend(fontsize=8)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    engines = [r["engines"] for r in rows]
+    left.plot(engines, [r["group"]["tokens_per_s"] for r in rows], "o-", label="group (Ray)")
+    left.plot(engines, [rows[0]["group"]["tokens_per_s"] * e for e in engines], ":", label="linear")
+    for name in ("raw", "hf"):
+        if name in rows[0]:
+            left.plot([1], [rows[0][name]["tokens_per_s"]], "s", label=f"{name}, 1 engine")
+    left.set(xlabel="engines", ylabel="generated tokens / s", title="throughput")
+    left.legend(fontsize=8)
+    qs = ["p50", "p90", "p99"]
+    for k, name in enumerate(m for m in ("group", "raw") if rows[0].get(m, {}).get("latency_s")):
+        right.bar([i + 0.4 * k for i in range(3)], [rows[0][name]["latency_s"][q] for q in qs], 0.4, label=name)
+    right.set_xticks([0.2, 1.2, 2.2], qs)
+    right.set(ylabel="seconds from batch start", title="per-sample latency, 1 engine")
+    right.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

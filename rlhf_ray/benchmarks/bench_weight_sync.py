@@ -2,6 +2,7 @@
 
     python -m rlhf_ray.benchmarks.bench_weight_sync --quick    # 'bench' tiny Llama (~13M params, 52 MB fp32), 1 engine
     python -m rlhf_ray.benchmarks.bench_weight_sync            # + a ~110M-param Llama (440 MB), 1 and 2 engines
+    rlhf-ray bench sync --model DIR [--engines 2] [--channels gloo]   # your model (its config, fresh weights)
 
 For each channel (object_store, gloo) and engine count:
   sync   GeneratorGroup.sync_weights_from(trainer): a StandInTrainerWorker streams its state dict in buckets, the
@@ -138,8 +139,14 @@ def write_model(out: Path, size: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="rlhf-ray bench sync", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="bench model, one engine")
+    parser.add_argument("--model", default=None, help="HF model directory to sync (default: the built-in sizes)")
+    parser.add_argument("--engines", type=int, nargs="+", default=None, help="engine counts (default 1 2; "
+                                                                             "quick 1)")
+    parser.add_argument("--channels", nargs="+", default=["object_store", "gloo"],
+                        choices=["object_store", "gloo"], help="weight-sync channels to measure")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bucket_mb", type=float, default=64.0)
     add_out_flag(parser)
@@ -156,24 +163,28 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_ray.workers.group import WorkerGroup
 
     sizes, engine_counts = (["bench"], [1]) if args.quick else (["bench", "large"], [1, 2])
-    channels = ["object_store", "gloo"]
+    sizes = [args.model] if args.model else sizes
+    engine_counts = args.engines or engine_counts
+    channels = args.channels
     bucket = int(args.bucket_mb * (1 << 20))
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    from rlhf_ray.placement.cluster import connect_ray, disconnect_ray
+
+    started = connect_ray(num_cpus=4)
     rows = []
     print(f"bucket {args.bucket_mb:g} MiB, best of {args.repeats}; 2-core CPU, loaded machine")
     try:
         for size in sizes:
-            model_dir = str(write_model(results / "models" / f"sync-{size}", size))
+            label = Path(size).name
+            model_dir = args.model or str(write_model(results / "models" / f"sync-{size}", size))
             trainer = WorkerGroup(StandInTrainerWorker, GroupSpec(num_workers=1, cpus_per_worker=0.5),
-                                  name=f"sync-trainer-{size}", worker_kwargs={"model_path": model_dir,
+                                  name=f"sync-trainer-{label}", worker_kwargs={"model_path": model_dir,
                                                                               "reinit_seed": 1})
             nbytes = trainer.call_rank(0, "weight_bytes")
             for engines in engine_counts:
                 section = GeneratorSection(num_engines=engines, cpus_per_engine=0.5, max_prompt_len=32,
                                            max_new_tokens=8, kv_cache_gib=1, weight_sync_bucket_mb=args.bucket_mb,
                                            max_restarts=0)
-                group = GeneratorGroup(section, model_dir, name=f"sync-gen-{size}-{engines}")
+                group = GeneratorGroup(section, model_dir, name=f"sync-gen-{label}-{engines}")
                 sender = ray.remote(RawSender).options(num_cpus=0.25).remote()
                 receivers = [ray.remote(RawReceiver).options(num_cpus=0.25).remote() for _ in range(engines)]
                 version = 0
@@ -188,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
                     row = {"model": size, "bytes": nbytes, "engines": engines, "channel": channel,
                            "sync_seconds": best_sync, "raw_seconds": best_raw,
                            "sync_bytes_per_s": nbytes / best_sync, "raw_bytes_per_s": nbytes / best_raw,
+                           "sync_gb_per_s": nbytes / best_sync / 1e9, "raw_gb_per_s": nbytes / best_raw / 1e9,
                            "sync_over_raw": best_raw / best_sync}
                     rows.append(row)
-                    print(f"{size:5s} {nbytes / 2**20:6.0f} MiB engines {engines} {channel:12s} | sync "
+                    print(f"{label:5s} {nbytes / 2**20:6.0f} MiB engines {engines} {channel:12s} | sync "
                           f"{row['sync_bytes_per_s'] / 2**20:7.1f} MiB/s ({best_sync:.2f}s)  raw "
                           f"{row['raw_bytes_per_s'] / 2**20:7.1f} MiB/s ({best_raw:.2f}s) | sync/raw "
                           f"{row['sync_over_raw']:.2f}", flush=True)
@@ -199,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 group.shutdown()
             trainer.shutdown()
     finally:
-        ray.shutdown()
+        disconnect_ray(started)
     write_report(results, "bench_weight_sync_quick.json" if args.quick else "bench_weight_sync.json",
                  {"benchmark": "weight_sync", "quick": args.quick, "bucket_mb": args.bucket_mb,
                   "repeats": args.repeats, "rows": rows})

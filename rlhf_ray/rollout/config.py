@@ -77,6 +77,18 @@ class GeneratorSection(Section):
     weight_sync_bucket_mb: float = Field(64.0, gt=0, description="weights are streamed in buckets of about "
                                                                  "this many MiB (one tensor may exceed it)")
 
+
+    # ---------------------------------------------------------------- partial rollouts (rollout/partial.py)
+    partial_rollout: bool = Field(False, description="generate in segments of partial_rollout_segment_tokens so "
+                                                     "that a weight sync need not wait for the longest response: "
+                                                     "unfinished samples continue under the new weights (async "
+                                                     "mode)")
+    partial_rollout_segment_tokens: int = Field(32, ge=1, description="partial rollouts: tokens per engine call; "
+                                                                      "a weight sync waits at most one segment")
+    partial_rollout_max_resumes: int = Field(1, ge=0, description="partial rollouts: weight syncs one sample "
+                                                                  "may continue across; a sync waits while an "
+                                                                  "unfinished sample has used them all")
+
     @model_validator(mode="after")
     def _check_lengths(self):
         if self.max_model_len is not None and self.max_prompt_len + self.max_new_tokens > self.max_model_len:
@@ -84,6 +96,9 @@ class GeneratorSection(Section):
                 f"max_prompt_len ({self.max_prompt_len}) + max_new_tokens ({self.max_new_tokens}) = "
                 f"{self.max_prompt_len + self.max_new_tokens} exceeds max_model_len ({self.max_model_len}); "
                 f"raise max_model_len or lower one of the two")
+        if self.partial_rollout and self.stop:
+            raise ValueError(f"partial_rollout with stop strings {self.stop}: a stop string split between two "
+                             f"segments would be missed; use --stop_token_ids, or turn --partial_rollout off")
         if self.backend == "hf" and self.tensor_parallel_size > 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs backend vllm "
                              f"(the hf backend runs one device per engine); set --tensor_parallel_size 1")

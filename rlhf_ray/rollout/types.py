@@ -32,17 +32,22 @@ class Sample:
     logprobs:     `(response_len,)` log-prob of each generated token under the sampling distribution
                   (see GeneratorSection.logprobs_mode), aligned with response_ids.
     finish_reason: 'stop' (EOS, stop token or stop string) or 'length' (max_new_tokens reached).
+    token_versions: `(response_len,)` the policy version that generated each token, set by partial rollouts
+                  (rollout/partial.py: a response continued across a weight sync); None = every token is the
+                  rollout's policy_version.
     """
 
     response_ids: list[int]
     text: str
     logprobs: list[float]
     finish_reason: str
+    token_versions: list[int] | None = None
 
 
 @dataclass
 class PromptRollout:
-    """All samples of one prompt, stamped with the policy version and engine that produced them."""
+    """All samples of one prompt, stamped with the policy version and engine that produced them (with partial
+    rollouts: the oldest version of any of their tokens, see Sample.token_versions)."""
 
     prompt_index: int
     prompt_ids: list[int]
@@ -60,6 +65,8 @@ class RolloutResult:
     retried_chunks: int = 0
     failed_engines: list[int] = field(default_factory=list)
     generate_seconds: float = 0.0
+    segments: int = 1                   # engine calls per sample (partial rollouts generate in segments)
+    syncs_crossed: int = 0              # weight syncs that happened while this batch was being generated
 
     def __len__(self) -> int:
         return len(self.rollouts)
@@ -86,7 +93,20 @@ class RolloutResult:
             "rollout/prompts_truncated": float(sum(r.truncated for r in self.rollouts)),
             "rollout/retried_chunks": float(self.retried_chunks),
             "perf/rollout_tokens_per_s": sum(lengths) / self.generate_seconds if self.generate_seconds else 0.0,
+            **self._partial_metrics(samples),
         }
+
+    def _partial_metrics(self, samples: list[Sample]) -> dict[str, float]:
+        """`rollout/partial_...`: how much of the batch continued across a weight sync (partial rollouts only)."""
+        if not any(s.token_versions is not None for s in samples):
+            return {}
+        resumed = [s for s in samples if s.token_versions and s.token_versions[-1] != s.token_versions[0]]
+        newer = sum(sum(v != s.token_versions[0] for v in s.token_versions) for s in resumed)
+        tokens = max(1, sum(len(s.response_ids) for s in samples))
+        return {"rollout/partial_segments": float(self.segments),
+                "rollout/partial_syncs_crossed": float(self.syncs_crossed),
+                "rollout/partial_resumed_frac": len(resumed) / max(1, len(samples)),
+                "rollout/partial_newer_token_frac": newer / tokens}
 
 
 def apply_prompt_limit(prompts: Sequence[Sequence[int]], max_prompt_len: int,

@@ -58,6 +58,12 @@ class RankedWorker:
     def ping(self) -> int:
         return self.rank
 
+    def peak_rss_mib(self) -> float:
+        """This process's resident-memory high-water mark in MiB."""
+        from rlhf_ray.utils import peak_rss_mib
+
+        return peak_rss_mib()
+
     def shutdown(self) -> None:
         import torch.distributed as dist
 

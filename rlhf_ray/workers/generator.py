@@ -44,6 +44,9 @@ class GeneratorWorker(RankedWorker):
                 for index, ids, truncated, samples in zip(chunk.indices, chunk.prompt_ids, chunk.truncated,
                                                           per_prompt)]
 
+    def decode(self, responses: Sequence[Sequence[int]]) -> list[str]:
+        return self.backend.decode(responses)
+
     def state(self) -> dict[str, Any]:
         import ray
 

@@ -15,7 +15,11 @@ generate():
      that no longer holds the group's policy version is 'stale' and gets no work until the next weight sync.
      Each index is filled exactly once (asserted), so nothing is lost or duplicated.
 
-Generation and weight sync exclude each other (one lock): an engine never samples from half-updated weights.
+Generation and weight sync exclude each other (one lock): an engine never samples from half-updated weights. With
+partial_rollout on, generate() runs in segments of at most partial_rollout_segment_tokens per sample
+(rollout/partial.py) and lets a waiting weight sync take the lock between two segments; the unfinished samples then
+continue from prompt + response so far under the new weights. (vLLM's offline LLM.generate blocks the actor until
+every request of the call is done, so requests cannot be aborted mid-call; the interruption point is the segment.)
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from contextlib import contextmanager
 from typing import Any, Iterable, Sequence
 
 import ray
@@ -34,6 +39,7 @@ from rlhf_ray.config.base import ConfigError
 from rlhf_ray.rollout.config import GeneratorSection
 from rlhf_ray.rollout.dispatch import (DEAD, READY, RECOVERING, STALE, EngineLoad, chunk_size_for, pick_engine,
                                        split_into_chunks)
+from rlhf_ray.rollout.partial import PartialBatch
 from rlhf_ray.rollout.types import PromptChunk, PromptRollout, RolloutResult, apply_prompt_limit
 from rlhf_ray.rollout.weight_sync import ObjectStoreChannel, WeightSender, resolve_channel
 from rlhf_ray.workers.generator import GeneratorWorker
@@ -65,6 +71,9 @@ class GeneratorGroup:
         self.engines = [EngineLoad(rank) for rank in range(section.num_engines)]
         self._probes: dict[int, ray.ObjectRef] = {}
         self._lock = threading.RLock()
+        self._turn = threading.Condition(self._lock)     # partial rollouts: generate waits here while syncs run
+        self._waiting = threading.Lock()
+        self._syncs_waiting = 0
         self._calls = 0
         self.policy_version = 0
         self._channel_key: tuple | None = None
@@ -93,9 +102,36 @@ class GeneratorGroup:
             offset = self._calls if seed_offset is None else seed_offset
             self._calls += 1
             start = time.perf_counter()
-            result = self._run_chunks(prompt_ids, truncated, params, offset)
+            if self.section.partial_rollout:
+                result = self._generate_partial(prompt_ids, truncated, params, offset)
+            else:
+                result = self._run_chunks(prompt_ids, truncated, params, offset)
             result.generate_seconds = time.perf_counter() - start
             return result
+
+    def _generate_partial(self, prompt_ids: list[list[int]], truncated: list[bool], params: dict,
+                          seed_offset: int) -> RolloutResult:
+        """Partial rollouts: segments of one sample per request; between two, a waiting weight sync runs."""
+        batch = PartialBatch(prompt_ids, truncated, params["n_samples_per_prompt"], params["max_new_tokens"],
+                             self.section.partial_rollout_segment_tokens, self.section.partial_rollout_max_resumes)
+        retried, failed, crossed = 0, [], 0
+        while batch.unfinished:
+            prompts, max_tokens = batch.next_segment()
+            segment = self._run_chunks(prompts, [False] * len(prompts),
+                                       {**params, "n_samples_per_prompt": 1, "max_new_tokens": max_tokens},
+                                       seed_offset * 1_009 + batch.segments)
+            batch.absorb(segment.rollouts)
+            retried, failed = retried + segment.retried_chunks, failed + segment.failed_engines
+            if batch.unfinished and self._syncs_waiting and batch.may_cross_sync():
+                version = self.policy_version
+                self._turn.wait_for(lambda: not self._syncs_waiting)     # releases the lock meanwhile
+                crossed += self.policy_version != version
+        return RolloutResult(batch.rollouts(self._decode), retried_chunks=retried, failed_engines=failed,
+                             segments=batch.segments, syncs_crossed=crossed)
+
+    def _decode(self, responses: list[list[int]]) -> list[str]:
+        rank = next(e.rank for e in self.engines if e.status in (READY, STALE))
+        return self.workers.call_rank(rank, "decode", responses)
 
     def _run_chunks(self, prompt_ids: list[list[int]], truncated: list[bool], params: dict,
                     seed_offset: int) -> RolloutResult:
@@ -200,11 +236,8 @@ class GeneratorGroup:
                           timeout_s: float = 300.0) -> dict[str, float]:
         """Stream the trainer group's weights (its workers mix in WeightSyncSourceMixin) into every live engine
         and stamp them with `version`. Stale engines (restarted) are brought up to date too."""
-        with self._lock:
-            self.wait_until_settled()
-            targets = self._usable()
-            if not targets:
-                raise RuntimeError(f"generator group {self.name!r}: no live engine to sync ({self._describe()})")
+        with self._weight_update_turn():
+            targets = self._sync_targets()
             handles = [self.workers.actor(e.rank) for e in targets]
             states = ray.get([self.workers.call_rank_async(e.rank, "state") for e in targets])
             kind = resolve_channel(channel or self.section.weight_sync_channel,
@@ -232,9 +265,8 @@ class GeneratorGroup:
                      timeout_s: float = 300.0) -> dict[str, float]:
         """Stream weights held by this (driver) process to every live engine through the object store, e.g. a
         checkpoint read from disk. Same session protocol as a trainer sync; timeout_s bounds each wait."""
-        with self._lock:
-            self.wait_until_settled()
-            targets = self._usable()
+        with self._weight_update_turn():
+            targets = self._sync_targets()
             channel = ObjectStoreChannel()
             channel.connect([self.workers.actor(e.rank) for e in targets], [1] * len(targets), "driver", timeout_s)
             try:
@@ -245,6 +277,31 @@ class GeneratorGroup:
                 raise
             self._mark_synced(targets, version)
             return stats
+
+    @contextmanager
+    def _weight_update_turn(self):
+        """The lock for a weight update. Announced first, so that a partial-rollout generate hands the lock over at
+        its next segment boundary instead of finishing the whole batch."""
+        with self._waiting:
+            self._syncs_waiting += 1
+        with self._lock:
+            try:
+                yield
+            finally:
+                with self._waiting:
+                    self._syncs_waiting -= 1
+                self._turn.notify_all()
+
+    def _sync_targets(self) -> list[EngineLoad]:
+        """The engines a weight sync goes to: the usable ones. Recovering engines are waited for only when no other
+        is usable: a restart can wait for a node that is gone (its bundle has nowhere to go) while the job goes on
+        with the engines it has; one that comes back later is stale and joins the next sync."""
+        self._poll_probes()
+        if not self._usable():
+            self.wait_until_settled()
+        if not self._usable():
+            raise RuntimeError(f"generator group {self.name!r}: no live engine to sync ({self._describe()})")
+        return self._usable()
 
     def _mark_stale(self, targets: list[EngineLoad]) -> None:
         """A sync failed part-way: no engine it touched may generate until a sync succeeds."""

@@ -31,7 +31,7 @@ from rlhf_ray.workers.trainer import TrainerWorker
 
 # Fields of an Experience a trainer micro-batch needs, per role.
 ACTOR_FIELDS = ("sequences", "attention_mask", "response_mask", "old_logprobs", "advantages", "ref_logprobs",
-                "rollout_is_weights")
+                "rollout_is_weights", "rollout_logprobs")
 CRITIC_FIELDS = ("sequences", "attention_mask", "response_mask", "values", "returns")
 
 
@@ -129,11 +129,12 @@ class RLWorker(TrainerWorker, WeightSyncSourceMixin):
     def ppo_update(self, chunk_refs: list, ptx_rows: list[dict] | None, num_update_steps: int,
                    seed: int) -> list[dict[str, Any]]:
         """The policy's update on its share of the buffer. When the experience carries no old log-probs (async
-        mode, or they were left to the trainer), they are computed here first, with the weights as they are now (in
-        async mode: the proximal policy of the decoupled objective). The off-policy correction against the
-        sampler's log-probs is then applied once to the whole share; its metrics join every step's."""
+        mode), they are computed here first, with the weights as they are now (in async mode: the proximal policy
+        of the decoupled objective), unless the loss takes them from its own forward pass
+        (old_logprobs_from_update). The off-policy correction against the sampler's log-probs is then applied once
+        to the whole share; its metrics join every step's."""
         experience = fetch_experience(chunk_refs, self.tokenizer.pad_token_id)
-        if experience.old_logprobs is None:
+        if experience.old_logprobs is None and not self.loss_settings.old_logprobs_from_update:
             experience.old_logprobs = self.compute_response_logprobs(
                 {"sequences": experience.sequences, "attention_mask": experience.attention_mask,
                  "response_len": experience.response_len}, self.loss_settings.temperature)

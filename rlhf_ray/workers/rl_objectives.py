@@ -47,6 +47,9 @@ class RLLossSettings:
     loss_agg_mode: str = "token-mean"
     max_response_len: int | None = None   # the generator's max_new_tokens: the constant of seq-mean-token-sum-norm
     temperature: float = 1.0
+    # on-policy with one optimizer step per episode: pi_old is the weights being trained, so the old log-probs are
+    # the update's own, detached (ratio exactly 1, the policy-gradient gradient), and no separate pass is needed
+    old_logprobs_from_update: bool = False
     # sampler-mismatch / off-policy correction (algorithms/off_policy.py); resolved per mode by the driver
     rollout_is: str | None = None
     rollout_is_threshold: float = 2.0
@@ -128,7 +131,9 @@ def actor_loss(model, batch: dict[str, Any], settings: RLLossSettings,
                rescale: float) -> tuple[torch.Tensor, dict[str, float]]:
     """The policy objective on one micro-batch (see the module docstring).
 
-    batch: sequences, attention_mask `(B, P + R)`; response_mask, old_logprobs, advantages `(B, R)`;
+    batch: sequences, attention_mask `(B, P + R)`; response_mask, advantages `(B, R)`; old_logprobs `(B, R)`
+    unless settings.old_logprobs_from_update (then the sampler's rollout_logprobs `(B, R)`, when given, yield
+    the metric rollout/logprob_gap_mean);
     ref_logprobs `(B, R)` when kl_loss_coef > 0; rollout_is_weights `(B, R)` when the off-policy correction is on
     (see `apply_rollout_correction`); optionally ptx_input_ids / ptx_attention_mask / ptx_labels
     `(Bp, Lp)` (one forward pass carries both: the rows are right-padded to one width and stacked).
@@ -150,9 +155,12 @@ def actor_loss(model, batch: dict[str, Any], settings: RLLossSettings,
     logprobs = compute_token_logprobs(span, sequences[:, -response_len:], settings.temperature)
 
     local = settings.aggregation
-    pg_loss, metrics = compute_policy_loss(settings.policy_loss, logprobs, batch["old_logprobs"],
-                                           batch["advantages"], mask, settings.policy_params, local,
-                                           batch.get("rollout_is_weights"))
+    old_logprobs = logprobs.detach() if settings.old_logprobs_from_update else batch["old_logprobs"]
+    pg_loss, metrics = compute_policy_loss(settings.policy_loss, logprobs, old_logprobs, batch["advantages"], mask,
+                                           settings.policy_params, local, batch.get("rollout_is_weights"))
+    if settings.old_logprobs_from_update and "rollout_logprobs" in batch:
+        # The sampler's and the trainer's log-probs of the same tokens (the scoring pass reports it otherwise).
+        metrics["rollout/logprob_gap_mean"] = local((old_logprobs - batch["rollout_logprobs"]).abs(), mask).item()
     rl_loss = pg_loss
     if settings.entropy_coef > 0:
         entropy_loss, entropy_metrics = compute_entropy_loss(compute_entropy(span, settings.temperature), mask, local)

@@ -12,7 +12,9 @@ max_staleness versions older than the one that trains on it, and the replay buff
 max_staleness + 1 episodes (its capacity: a put beyond it raises). Each Experience records its version; the
 buffer's `take` refuses anything staler and reports `rollout/staleness_*`. max_staleness = 1 is the usual one-step
 overlap: generation of e + 1 with weights v runs while e trains. The generator group serialises generation and
-weight sync, so an engine never samples from half-updated weights.
+weight sync, so an engine never samples from half-updated weights; with --partial_rollout the sync after e's update
+runs between two generation segments of e + 1 (workers/generator_group.py), whose unfinished samples continue under
+version e + 1: their oldest token, the one staleness counts, is still from version >= e + 1 - max_staleness.
 """
 
 from __future__ import annotations

@@ -68,6 +68,11 @@ class RLScheduleSection(Section):
     old_logprobs_source: Literal["policy", "rollout"] = Field(
         "policy", description="policy: the policy group recomputes old log-probs (sync: while scoring; async: at "
                               "the start of the update); rollout: use the generators' own log-probs")
+    recompute_old_logprobs: bool | Literal["auto"] = Field(
+        "auto", description="with --old_logprobs_source policy: true = a separate policy forward pass while scoring; "
+                            "false = taken, detached, from the update's own forward pass (ratio exactly 1), which "
+                            "needs sync mode, --num_update_steps 1 and no --rollout_is / --rollout_rs; auto = false "
+                            "exactly when that gives the same loss (and the reward's KL does not read them)")
     forward_batch_size: int = Field(16, ge=1, description="rows per forward pass when scoring (log-probs, "
                                                           "values, rewards)")
 
@@ -101,6 +106,8 @@ class AlgorithmSection(Section):
         "token-mean", description="how token losses reduce to a scalar over the global batch; "
                                   "seq-mean-token-sum-norm: sum / (sequences × max_new_tokens), Dr. GRPO")
     score_clip: float | None = Field(None, gt=0, description="clip sequence scores to [-c, c] before shaping")
+    reward_normalization: bool = Field(False, description="standardise scores with the running mean and std of "
+                                                          "every score so far (before --score_clip and the KL)")
     # --- off-policy / sampler-mismatch correction (algorithms/off_policy.py; names as in veRL)
     rollout_is: Literal["auto", "none", "token", "sequence"] = Field(
         "auto", description="importance weight min(pi_old / pi_sampler, C) on each token's policy loss, per token "
@@ -382,6 +389,34 @@ def rollout_correction_settings(cfg: RLConfig) -> dict:
             "rollout_rs_threshold_lower": algo.rollout_rs_threshold_lower}
 
 
+def old_logprobs_from_update(cfg: RLConfig) -> tuple[bool, str]:
+    """Whether the policy's old log-probs are the update's own log-probs, detached, instead of a separate forward
+    pass while scoring; and the reason, logged once at start. Exact when every sample is trained on once by the
+    weights that generated it (sync mode, one optimizer step per episode) and nothing reads the old log-probs
+    before the update (no off-policy correction; auto also keeps the separate pass for a KL in the reward).
+    Raises ConfigError for --recompute_old_logprobs false where it would change the loss."""
+    rl, algo = cfg.rl, cfg.algorithm
+    if rl.old_logprobs_source == "rollout":
+        return False, "old log-probs: the sampler's (--old_logprobs_source rollout); no policy pass"
+    correction = rollout_correction_settings(cfg)
+    blockers = [reason for reason, on in (
+        ("--async_mode (the trainer's weights are newer than the sampler's)", rl.async_mode),
+        (f"--num_update_steps {rl.num_update_steps} (steps after the first train on moved weights)",
+         rl.num_update_steps > 1),
+        ("--rollout_is / --rollout_rs (they compare the old log-probs with the sampler's before the update)",
+         bool(correction["rollout_is"] or correction["rollout_rs"]))) if on]
+    if rl.recompute_old_logprobs is False and blockers:
+        raise ConfigError(f"--recompute_old_logprobs false takes the old log-probs from the update itself, which "
+                          f"changes the loss with {'; '.join(blockers)}; use --recompute_old_logprobs auto")
+    if rl.recompute_old_logprobs == "auto" and algo.kl_coef > 0 and algo.kl_mode == "reward":
+        blockers.append("--kl_mode reward (the reward's KL reads them before the update)")
+    if rl.recompute_old_logprobs is True or blockers:
+        why = "--recompute_old_logprobs true" if rl.recompute_old_logprobs is True else "; ".join(blockers)
+        return False, f"old log-probs: a separate policy forward pass ({why})"
+    return True, ("old log-probs: from the update's own forward pass, detached (on-policy, one optimizer step per "
+                  "episode); no separate policy pass")
+
+
 def sampler_logprobs_feed_training(cfg: RLConfig) -> str | None:
     """Why the sampler's log-probs enter the loss or the KL (the setting that makes them), or None."""
     correction = rollout_correction_settings(cfg)
@@ -389,8 +424,10 @@ def sampler_logprobs_feed_training(cfg: RLConfig) -> str | None:
         return "--old_logprobs_source rollout"
     if correction["rollout_is"] or correction["rollout_rs"]:
         return "the off-policy correction (--rollout_is / --rollout_rs; on by default in async mode)"
-    if cfg.rl.async_mode and cfg.algorithm.kl_coef > 0 and cfg.algorithm.kl_mode == "reward":
-        return "async mode with --kl_mode reward (the reward's KL uses the sampler's log-probs)"
+    if cfg.algorithm.kl_coef > 0 and cfg.algorithm.kl_mode == "reward" and (
+            cfg.rl.async_mode or cfg.rl.recompute_old_logprobs is False):
+        return "--kl_mode reward with async mode or --recompute_old_logprobs false (the reward's KL then uses the " \
+               "sampler's log-probs)"
     return None
 
 
@@ -456,12 +493,16 @@ def check_rl_config(cfg: RLConfig, job: str) -> list[str]:
     if algo.overlong_buffer_len > gen.max_new_tokens:
         raise ConfigError(f"--overlong_buffer_len {algo.overlong_buffer_len} exceeds --max_new_tokens "
                           f"{gen.max_new_tokens}; the buffer is the last part of the allowed length")
+    if gen.partial_rollout and not cfg.rl.async_mode:
+        raise ConfigError("--partial_rollout lets generation continue across a weight sync, which happens during "
+                          "generation only in async mode; add --async_mode, or drop --partial_rollout")
     explicit = [f"--{name} {getattr(algo, name)}" for name in ("rollout_is", "rollout_rs")
                 if getattr(algo, name) not in ("auto", "none")]
     if explicit and cfg.rl.old_logprobs_source == "rollout":
         raise ConfigError(f"{' '.join(explicit)} compares the trainer's old log-probs with the sampler's, but "
                           f"--old_logprobs_source rollout makes them the same; use --old_logprobs_source policy")
     check_sampler_logprobs(cfg)
+    notes.append(old_logprobs_from_update(cfg)[1])
     if cfg.data.pretrain_dataset and algo.ptx_coef == 0:
         notes.append("--pretrain_dataset is given but --ptx_coef is 0: no ptx loss is computed")
     if algo.kl_coef == 0:

@@ -7,7 +7,8 @@ only in the estimator, the KL placement and whether a critic exists.
                          token ids + sampler log-probs, stamped with the engines' policy version
          1b experience   padded into an Experience (prompt left-padded | response right-padded)
          1c score        in parallel: reward (one call, whatever the source: model group / rule / remote),
-                         reference log-probs, critic values, policy old log-probs (rows split over each group's dp)
+                         reference log-probs, critic values, policy old log-probs (rows split over each group's dp;
+                         none when the update takes them from its own forward pass: config old_logprobs_from_update)
          1d advantages   KL (k1/k2/k3...; in the reward or left to the loss; fixed/adaptive coefficient), token
                          rewards, advantages and returns (GAE, GRPO, RLOO, REINFORCE++)
          1e buffer       split per policy dp rank into the replay buffer (each chunk ray.put once, refs kept)
@@ -16,7 +17,8 @@ only in the estimator, the KL placement and whether a critic exists.
                          entropy, KL loss, ptx)
       3. weight sync     policy -> generators, version e + 1
       4. log             reward, KL, returns, advantages, losses, clip fractions, lengths, buffer/..., staleness,
-                         timing/<phase>
+                         timing/<phase>; startup/<part>_s with the first episode (and a log line at the first
+                         generation), memory/peak_rss_mib/<role> with the last (and a log line)
     async mode: stage 1 of episode e + 1 runs in a background thread (async_mode.py) during stages 2-3 of e.
 """
 
@@ -29,13 +31,14 @@ from pathlib import Path
 import ray
 import torch
 
+from rlhf_ray.algorithms.normalization import RunningMoments
 from rlhf_ray.buffer.replay_buffer import ReplayBuffer
 from rlhf_ray.checkpoint.atomic import atomic_directory, rotate_checkpoints
 from rlhf_ray.checkpoint.hf_export import CheckpointWriteError
 from rlhf_ray.checkpoint.layout import CONFIG_BESIDE_CHECKPOINT, checkpoint_dir
 from rlhf_ray.config.base import ConfigError
 from rlhf_ray.pipelines.rl.async_mode import AsyncCollector
-from rlhf_ray.pipelines.rl.config import BufferPlan
+from rlhf_ray.pipelines.rl.config import BufferPlan, old_logprobs_from_update
 from rlhf_ray.pipelines.rl.experience import (AdvantageSettings, EpisodeKLController, build_experience,
                                               fill_informative_groups, finalize_experience, reward_model_inputs,
                                               scoring_batch)
@@ -83,9 +86,16 @@ class RLController:
         self.buffer = ReplayBuffer(self.plan.dp, self.plan.samples_per_rank,
                                    max_staleness=cfg.rl.max_staleness if cfg.rl.async_mode else 0,
                                    name=f"{job}-experience")
+        # the policy scores old log-probs while collecting only in sync mode, and only when the update cannot take
+        # them from its own forward pass (async mode: the update recomputes them first)
+        self.old_logprobs_pass = (cfg.rl.old_logprobs_source == "policy" and not cfg.rl.async_mode
+                                  and not old_logprobs_from_update(cfg)[0])
+        self.reward_norm = RunningMoments() if cfg.algorithm.reward_normalization else None
+        self._reward_norm_after: dict[int, dict] = {}  # its state after collecting episode e (checkpointed with e)
         self.version = 0                   # policy version = weight syncs so far; episode e trains at version e
         self.start_episode = 0
         self.startup_metrics: dict[str, float] = {}   # timing/startup etc., logged with the first episode
+        self.startup: dict[str, float] = {}           # run.py: job_start and startup/<part>_s, until reported
         self.last_samples: list[dict] = []            # a few scored responses of the latest collect step
 
     # ------------------------------------------------------------ 1. collect
@@ -99,6 +109,7 @@ class RLController:
             def make_batch(refill: int):
                 prompts = self.plan.prompts_per_collect
                 rows = self.data.prompt_rows(index, prompts, refill)
+                self._report_startup()
                 with timers("generate"):                                                # 1a
                     rollouts = self.groups.generators.generate([row["input_ids"] for row in rows],
                                                                seed_offset=index + refill * 1_000_003)
@@ -117,6 +128,8 @@ class RLController:
             metrics = {key: sum(m.get(key, 0.0) for m in round_metrics) / len(round_metrics)
                        for key in round_metrics[0]}
             metrics.update(sampling_metrics)
+            if self.reward_norm is not None:
+                experience.scores = self.reward_norm.update_and_normalize(experience.scores)
             with timers("advantage"):                                                   # 1d
                 experience, advantage_metrics = finalize_experience(experience, self.settings,
                                                                     self.kl.collecting.value)
@@ -127,7 +140,32 @@ class RLController:
             for key, value in {**metrics, **advantage_metrics}.items():
                 sums[key] = sums.get(key, 0.0) + value / steps
         self.kl.finish(episode)
+        if self.reward_norm is not None:
+            self._reward_norm_after[episode] = self.reward_norm.state_dict()
         return {**sums, **timers.metrics()}
+
+    def _report_startup(self) -> None:
+        """Once, just before the first generation: the start-up time from the job's start, and its parts."""
+        if "job_start" not in self.startup:
+            return
+        parts = dict(self.startup)
+        total = time.perf_counter() - parts.pop("job_start")
+        self.startup = {}
+        self.startup_metrics.update({**parts, "startup/to_first_generation_s": total})
+        seconds = {key.split("/")[1][:-2]: value for key, value in parts.items()}
+        overlap = "in parallel" if not self.cfg.placement.colocate_all else "one after the other"
+        print(f"[{self.job}] start-up {total:.1f} s to the first generation: Ray connect "
+              f"{seconds.get('ray_connect', 0):.1f} s, role groups {seconds.get('groups', 0):.1f} s (generator "
+              f"engines {seconds.get('generators', 0):.1f} s and trainer models {seconds.get('trainers', 0):.1f} s, "
+              f"{overlap}), the rest (config, data, tokenizer, plan, reward source) "
+              f"{total - seconds.get('ray_connect', 0) - seconds.get('groups', 0):.1f} s", flush=True)
+
+    def _report_peak_memory(self) -> dict[str, float]:
+        """The peak resident memory per process of each role, as metrics and one log line."""
+        peaks = self.groups.peak_rss_mib()
+        print(f"[{self.job}] peak RSS per process (MiB): "
+              + ", ".join(f"{role} {mib:.0f}" for role, mib in peaks.items()), flush=True)
+        return {f"memory/peak_rss_mib/{role}": mib for role, mib in peaks.items()}
 
     def score(self, experience, rollouts, rows: list[dict]) -> dict[str, float]:
         """Stage 1c: every scorer starts before any result is awaited. Sets scores, ref_logprobs, values,
@@ -141,8 +179,7 @@ class RLController:
                                                                        temperature=self.temperature)
         if groups.critic is not None:
             pending["values"] = groups.critic.call_rows_async("compute_response_values", batch)
-        recompute = self.cfg.rl.old_logprobs_source == "policy"
-        if recompute and not self.cfg.rl.async_mode:
+        if self.old_logprobs_pass:
             pending["old_logprobs"] = groups.policy.call_rows_async("compute_response_logprobs", batch,
                                                                     temperature=self.temperature)
         for name, refs in pending.items():
@@ -156,7 +193,7 @@ class RLController:
             # The sampler's and the trainer's log-probs of the same tokens: ~0 when both run the same weights.
             gap = (experience.old_logprobs - experience.rollout_logprobs).abs()[mask]
             metrics["rollout/logprob_gap_mean"] = gap.mean().item() if gap.numel() else 0.0
-        elif not recompute:
+        elif self.cfg.rl.old_logprobs_source == "rollout":
             experience.old_logprobs = experience.rollout_logprobs.clone()
         return metrics
 
@@ -193,6 +230,9 @@ class RLController:
         metrics.update(self.buffer.metrics())
         with timers("weight_sync"):                                                     # 3
             metrics.update(self.groups.generators.sync_weights_from(policy, version=self.version + 1))
+        if episode == self.start_episode:
+            print(f"[{self.job}] first weight sync {timers.metrics(reset=False)['timing/weight_sync']:.2f} s",
+                  flush=True)
         self.version += 1
         return {**metrics, **timers.metrics()}
 
@@ -225,6 +265,8 @@ class RLController:
                            "reward/kl_coef": self.kl.trained.value,
                            "perf/samples_per_s": self.plan.buffer_samples / max(seconds, 1e-9),
                            **self.startup_metrics}
+                if episode + 1 == cfg.rl.num_episodes:
+                    metrics.update(self._report_peak_memory())
                 if (episode + 1) % cfg.logging.log_interval == 0 or episode + 1 == cfg.rl.num_episodes:
                     self.tracker.log(metrics, step=episode + 1)
                     self.tracker.log_samples(self.last_samples, step=episode + 1)
@@ -248,7 +290,8 @@ class RLController:
     def _state(self, episodes_done: int) -> dict:
         return {"episode": episodes_done, "policy_version": self.version, "kl_coef": self.kl.trained.value,
                 "job": self.job, "seed": self.cfg.train.seed, "samples_per_rank": self.plan.samples_per_rank,
-                "prompts_per_collect": self.plan.prompts_per_collect}
+                "prompts_per_collect": self.plan.prompts_per_collect,
+                "reward_norm": self._reward_norm_after.get(episodes_done - 1)}
 
     def save_checkpoint(self, episodes_done: int) -> Path:
         """step_<episodes>/ {policy/, critic/, rl_state.json, config}: written atomically (manifest, COMPLETE marker);
@@ -284,6 +327,8 @@ class RLController:
                     raise ConfigError(f"--checkpoint_path {directory}: no {name}/ checkpoint inside")
                 group.call_all("load_checkpoint", str(directory / name))
         self.kl.load_state_dict({"value": state["kl_coef"]})
+        if self.reward_norm is not None and state.get("reward_norm"):
+            self.reward_norm.load_state_dict(state["reward_norm"])
         self.version, self.start_episode = int(state["policy_version"]), int(state["episode"])
         self.groups.generators.sync_weights_from(self.groups.policy, version=self.version)
 

@@ -83,14 +83,16 @@ def build_experience(rollouts: Sequence, pad_token_id: int, group_offset: int = 
 
     Row order: prompt 0's samples, then prompt 1's, ... `group_ids` is `group_offset + prompt index`, so the
     responses to one prompt share an id. `extras["truncated"]` `(B,)` bool marks responses cut at max_new_tokens
-    (finish reason "length"). The response span keeps every generated token, the EOS / stop token
+    (finish reason "length"); with partial rollouts `extras["token_versions"]` `(B, R)` int64 is the policy version of
+    each response token (0 on padding). The response span keeps every generated token, the EOS / stop token
     included (the reward model and the trainer see what the sampler produced). A response with no tokens keeps
     one masked padding column so that shapes stay valid.
     """
-    prompts, responses, logprobs, versions, groups, truncated = [], [], [], [], [], []
+    prompts, responses, logprobs, versions, groups, truncated, token_versions = [], [], [], [], [], [], []
     for rollout in rollouts:
         for sample in rollout.samples:
             truncated.append(sample.finish_reason == "length")
+            token_versions.append(sample.token_versions)
             prompts.append(list(rollout.prompt_ids))
             responses.append(list(sample.response_ids))
             logprobs.append(list(sample.logprobs))
@@ -115,10 +117,14 @@ def build_experience(rollouts: Sequence, pad_token_id: int, group_offset: int = 
             attention_mask[row, prompt_len:end] = 1
             response_mask[row, :len(response)] = 1
             rollout_logprobs[row, :len(response)] = torch.tensor(row_logprobs, dtype=torch.float32)
+    extras = {"truncated": torch.tensor(truncated, dtype=torch.bool)}
+    if all(row is not None for row in token_versions):                   # partial rollouts
+        extras["token_versions"] = torch.zeros(batch, response_len, dtype=torch.long)
+        for row, row_versions in enumerate(token_versions):
+            extras["token_versions"][row, :len(row_versions)] = torch.tensor(row_versions, dtype=torch.long)
     return Experience(sequences=sequences, attention_mask=attention_mask, response_mask=response_mask,
                       rollout_logprobs=rollout_logprobs, policy_version=torch.tensor(versions, dtype=torch.long),
-                      group_ids=torch.tensor(groups, dtype=torch.long),
-                      extras={"truncated": torch.tensor(truncated, dtype=torch.bool)})
+                      group_ids=torch.tensor(groups, dtype=torch.long), extras=extras)
 
 
 def scoring_batch(experience: Experience) -> dict:

@@ -7,12 +7,14 @@ independent slices.
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_ray.config.base import settings_from
 from rlhf_ray.config.sections import ModelSection
-from rlhf_ray.pipelines.rl.config import rollout_correction_settings
+from rlhf_ray.pipelines.rl.config import old_logprobs_from_update, rollout_correction_settings
 from rlhf_ray.pipelines.rl.roles import RolePlan
 from rlhf_ray.workers.rl_objectives import RLLossSettings
 
@@ -25,9 +27,25 @@ class RoleGroups:
     reference: Any | None = None
     reward: Any | None = None
     placement_groups: dict[str, Any] = field(default_factory=dict)
+    startup_s: dict[str, float] = field(default_factory=dict)   # startup/<part>_s: how long start_roles took
 
     def trainers(self) -> list[Any]:
         return [g for g in (self.policy, self.critic) if g is not None]
+
+    def peak_rss_mib(self) -> dict[str, float]:
+        """Per role the largest resident-memory high-water mark (MiB) of its processes, and the driver's."""
+        import ray
+
+        from rlhf_ray.utils import peak_rss_mib
+
+        roles = {"policy": self.policy, "critic": self.critic, "reference": self.reference, "reward": self.reward,
+                 "generator": None if self.generators is None else self.generators.workers}
+        pending = {role: group.call_all_async("peak_rss_mib") for role, group in roles.items() if group is not None}
+
+        def answers(refs: list) -> list[float]:     # from the live processes: an engine lost with its host is gone
+            return [ray.get(ref) for ref in refs if not _failed(ref)]
+
+        return {"driver": peak_rss_mib(), **{role: max(answers(refs), default=0.0) for role, refs in pending.items()}}
 
     def shutdown(self) -> None:
         from rlhf_ray.pipelines.rl.roles import release_bundles
@@ -53,16 +71,27 @@ def active_roles(cfg) -> list[str]:
 
 
 def loss_settings(cfg) -> RLLossSettings:
-    """The algorithm section's loss fields; the KL term's weight and estimator resolved from kl_mode, and the
-    sampling temperature the log-probs are recomputed at."""
+    """The algorithm section's loss fields; the KL term's weight and estimator resolved from kl_mode, the
+    sampling temperature the log-probs are recomputed at, and where the old log-probs come from."""
     algo = cfg.algorithm
     return settings_from(RLLossSettings, algo, kl_loss_coef=algo.kl_coef if algo.kl_mode == "loss" else 0.0,
                          kl_estimator=algo.resolved_kl_estimator, temperature=cfg.generator.temperature,
-                         max_response_len=cfg.generator.max_new_tokens, **rollout_correction_settings(cfg))
+                         max_response_len=cfg.generator.max_new_tokens,
+                         old_logprobs_from_update=old_logprobs_from_update(cfg)[0], **rollout_correction_settings(cfg))
 
 
 def critic_model_path(cfg) -> str:
     return cfg.critic.pretrain or cfg.reward.rm_path or cfg.model.pretrain
+
+
+def _failed(ref) -> bool:
+    import ray
+
+    try:
+        ray.get(ref)
+    except ray.exceptions.RayActorError:
+        return True
+    return False
 
 
 def _group(worker_cls, spec, placement, name: str, kwargs: dict):
@@ -76,8 +105,10 @@ def _group(worker_cls, spec, placement, name: str, kwargs: dict):
 def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator_section) -> RoleGroups:
     """Start every active role; returns once all models are loaded and the engines are ready.
 
-    Every actor is created before anything waits on one (actor start-up, mostly imports, then overlaps across
-    roles); the trainer groups join their process groups only after the generator engines are up.
+    Every trainer actor is created before anything waits on one (actor start-up, mostly imports, overlaps across
+    roles); the generator engines build in a thread meanwhile, while the trainers join their process groups and
+    load their models, except under --colocate_all, where a model loading beside a vLLM engine would skew the
+    engine's memory profiling. `groups.startup_s` gets the seconds of each part.
     """
 
     from rlhf_ray.workers.generator_group import GeneratorGroup
@@ -91,6 +122,7 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
     losses = loss_settings(cfg).to_dict()
     parallel = {role: layout.model_dump() for role, layout in plan.layouts.items()}
     groups = RoleGroups(policy=None, generators=None, placement_groups=placement_groups)
+    pool, pending_generators = ThreadPoolExecutor(max_workers=1, thread_name_prefix="start-generators"), None
     try:
         groups.policy = _group(RLWorker, plan.specs["policy"], pg["policy"], "policy",
                                {"model": cfg.model.model_dump(), "train": train, "parallel": parallel["policy"],
@@ -112,10 +144,20 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
                                     "model_kind": "value", "frozen": True, **common})
         spec = plan.specs["generator"]
         section = generator_section.model_copy(update={"cpus_per_engine": spec.cpus_per_worker})
-        groups.generators = GeneratorGroup(section, cfg.model.pretrain,
-                                           tokenizer_dir=cfg.model.resolved_tokenizer_dir(),
-                                           placement=pg["generator"], bundle_indices=list(range(spec.num_workers)),
-                                           gpus_per_engine=spec.gpus_per_worker)
+
+        def start_generators() -> Any:
+            started = time.perf_counter()
+            generators = GeneratorGroup(section, cfg.model.pretrain, tokenizer_dir=cfg.model.resolved_tokenizer_dir(),
+                                        placement=pg["generator"], bundle_indices=list(range(spec.num_workers)),
+                                        gpus_per_engine=spec.gpus_per_worker)
+            groups.startup_s["startup/generators_s"] = time.perf_counter() - started
+            return generators
+
+        if cfg.placement.colocate_all:
+            groups.generators = start_generators()
+        else:
+            pending_generators = pool.submit(start_generators)
+        started = time.perf_counter()
         for group in groups.trainers():
             group.join_process_group()
         builds = [groups.policy.call_all_async("build", steps)]
@@ -123,8 +165,18 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
         builds += [g.call_all_async("build", 1) for g in (groups.reference, groups.reward) if g is not None]
         for build in builds:
             get_failing_fast(build)         # a rank dead while loading fails the start at once
+        groups.startup_s["startup/trainers_s"] = time.perf_counter() - started
+        if pending_generators is not None:
+            groups.generators = pending_generators.result()
     except BaseException:
+        if pending_generators is not None:          # shut down what the thread started, once it is done
+            try:
+                groups.generators = pending_generators.result()
+            except BaseException:  # noqa: BLE001 - the first error is the one raised
+                pass
         groups.shutdown()
         raise
+    finally:
+        pool.shutdown(wait=False)
     return groups
 

@@ -71,7 +71,7 @@ def run_rl(cfg, job: str) -> int:
     from rlhf_ray.pipelines.rl.roles import plan_roles
     from rlhf_ray.checkpoint.layout import resolve_checkpoint_path
 
-    prog = f"rlhf-ray {job}"
+    prog, job_start = f"rlhf-ray {job}", time.perf_counter()
     try:
         _check_engines(cfg)
         notes = check_rl_config(cfg, job)
@@ -102,25 +102,28 @@ def run_rl(cfg, job: str) -> int:
         print(f"[{job}] note: {note}", flush=True)
     if cfg.checkpoint.config_file:
         print(f"[{job}] resolved config -> {cfg.save(cfg.checkpoint.config_file)}", flush=True)
-    return _run(cfg, job, data, tokenizer, ids, resume_from, prog)
+    return _run(cfg, job, data, tokenizer, ids, resume_from, prog, job_start)
 
 
-def _run(cfg, job, data, tokenizer, ids, resume_from, prog) -> int:
+def _run(cfg, job, data, tokenizer, ids, resume_from, prog, job_start) -> int:
     from rlhf_ray.checkpoint.layout import checkpoint_dir
     from rlhf_ray.pipelines.restart import run_with_restarts
     from rlhf_ray.placement import connect_ray, disconnect_ray
 
+    started = time.perf_counter()
     started_ray = connect_ray()
+    startup = {"job_start": job_start, "startup/ray_connect_s": time.perf_counter() - started}
     try:
-        return run_with_restarts(lambda path: _attempt(cfg, job, data, tokenizer, ids, path, prog),
+        return run_with_restarts(lambda path: _attempt(cfg, job, data, tokenizer, ids, path, prog, startup),
                                  resume_from=resume_from, max_restarts=cfg.checkpoint.max_restarts, prog=prog,
                                  save_dir=checkpoint_dir(cfg.checkpoint.save_path, cfg.checkpoint.save_dir))
     finally:
         disconnect_ray(started_ray)
 
 
-def _attempt(cfg, job, data, tokenizer, ids, resume_from, prog) -> int:
+def _attempt(cfg, job, data, tokenizer, ids, resume_from, prog, startup) -> int:
     """Plan, start every role, [resume], run the episodes, export; everything started is torn down however it ends.
+    `startup`: the job's start (perf_counter) and the seconds of its start-up parts so far.
     A lost trainer rank is raised as RankLostError for the restart loop (a generator engine's loss is the generator
     group's own business: it re-queues that engine's prompts)."""
     from rlhf_ray.checkpoint.hf_export import CheckpointWriteError, export_despite
@@ -143,12 +146,15 @@ def _attempt(cfg, job, data, tokenizer, ids, resume_from, prog) -> int:
             return _fail(prog, str(exc))
         generator_section = cfg.generator.model_copy(
             update={"stop_token_ids": sorted(set(cfg.generator.stop_token_ids) | set(ids.stop_ids))})
+        started = time.perf_counter()
         groups = start_roles(cfg, plan, bundles, generator_section)
+        startup = {**startup, "startup/groups_s": time.perf_counter() - started, **groups.startup_s}
         bundles = {}                                            # owned by `groups` from here on
         tracker = build_tracker(cfg.logging, run_name=job, config=cfg.to_dict())
         controller = RLController(cfg, job, groups, data, tokenizer, build_reward_source_for(cfg, groups, tokenizer),
                                   tracker, ids)
         controller.startup_metrics["timing/startup"] = time.perf_counter() - start
+        controller.startup = startup
         if resume_from is not None:
             try:
                 controller.resume(resume_from)

@@ -79,6 +79,11 @@ class GenerationBackend(ABC):
     def generate(self, chunk: PromptChunk) -> list[list[Sample]]:
         """One list of n_samples_per_prompt Samples per prompt of the chunk, in chunk order."""
 
+    def decode(self, responses: Sequence[Sequence[int]]) -> list[str]:
+        """Response texts of token ids, as generate() writes them (partial rollouts decode joined segments once).
+        Backends set self.tokenizer."""
+        return [decode_response(self.tokenizer, ids, ()) for ids in responses]
+
     # ------------------------------------------------------------ weight updates (receiver side)
     @abstractmethod
     def begin_weight_update(self) -> None: ...

@@ -1,0 +1,281 @@
+"""Peer benchmark: TRL's GRPOTrainer against `rlhf-ray grpo`, the same GRPO job on the same machine.
+
+    python -m rlhf_ray.benchmarks.bench_trl_peer --setup              # pip-installs the pinned trl (make bench-trl)
+    python -m rlhf_ray.benchmarks.bench_trl_peer --sizes demo heavy --repeats 2
+
+TRL is a benchmark-only dependency: --setup installs TRL_PIN into this interpreter's environment with the
+installed torch / transformers / accelerate / datasets as constraints, so nothing of ours is replaced; `make test`
+never installs it.
+
+Both sides run the same job: the demo's arithmetic prompts (chat-formatted; rlhf-ray through its tiny template,
+TRL through the tokenizer's chat template), the same tiny Llama, P prompts x n samples per step, exactly T new
+tokens per sample (rlhf-ray --ignore_eos, TRL min_new_tokens = max_completion_length), one optimizer step per step
+over all P x n completions, AdamW at the same lr (no weight decay, cosine decay, no warm-up, grad clip 1.0),
+KL coefficient 0.001 against a reference model, clip 0.2, token-mean loss, group-normalised advantages, the
+number_only rule reward, a final save. rlhf-ray runs as the demo's GRPO stage does (--colocate_all, one vLLM
+engine); TRL in one process with transformers generate. Sizes:
+    demo    'debug' tiny Llama (the demo's model, 0.46M params), 4 prompts x 8 samples x 32 tokens
+    heavy   'bench' tiny Llama (13M params), 32 prompts x 8 samples x 256 tokens (generation dominates)
+Each run is a fresh process (rlhf-ray: the CLI with its own local Ray), the systems alternate (rotated order each
+repeat). Measured per run: end-to-end wall time (process start to exit), start-up (to the first step), s/step
+(median over the steps after the first), generated tokens/s over the steps, and peak memory (the largest sum of
+RSS over the run's process tree, sampled every 0.25 s; pages shared between processes count once per process).
+Ratios are rlhf-ray's advantage: TRL s/step / rlhf-ray s/step (= steps/s ratio), TRL wall / rlhf-ray wall,
+tokens/s ratio, and rlhf-ray memory / TRL memory. Writes <--out>/trl_peer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from rlhf_ray.benchmarks import add_out_flag, results_dir, write_report
+
+TRL_PIN = "trl==1.16.0"
+CONSTRAINED = ("torch", "transformers", "accelerate", "datasets")
+SIZES = {"demo": {"flavour": "debug", "prompts": 4, "n": 8, "tokens": 32, "steps": 30, "kv_cache_gib": 0.25},
+         "heavy": {"flavour": "bench", "prompts": 32, "n": 8, "tokens": 256, "steps": 4, "kv_cache_gib": 1.0}}
+LR, KL_COEF, MICRO_BATCH = 5e-3, 0.001, 16
+
+
+def setup_trl() -> int:
+    """pip install TRL_PIN next to the installed torch/transformers/accelerate/datasets, which stay as they are."""
+    import tempfile
+    from importlib.metadata import version
+
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as constraints:
+        constraints.write("".join(f"{name}=={version(name)}\n" for name in CONSTRAINED))
+        constraints.flush()
+        return subprocess.call([sys.executable, "-m", "pip", "install", "-c", constraints.name, TRL_PIN])
+
+
+class PeakTreeRSS:
+    """Samples the summed RSS of a process and its descendants in a thread; .peak is the largest sum, bytes."""
+
+    def __init__(self, pid: int, every_s: float = 0.25) -> None:
+        import psutil
+
+        self.root, self.every_s, self.peak = psutil.Process(pid), every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            try:
+                for proc in [self.root, *self.root.children(recursive=True)]:
+                    try:
+                        total += proc.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                return
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.every_s)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def run_measured(cmd: list[str], env: dict, log: Path) -> tuple[float, int, int]:
+    """(wall seconds, peak tree RSS bytes, exit status) of one command, its output to `log`."""
+    start = time.perf_counter()
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        sampler = PeakTreeRSS(proc.pid)
+        status = proc.wait()
+    return time.perf_counter() - start, sampler.stop(), status
+
+
+def prepare_inputs(work: Path, size: dict, env: dict) -> tuple[Path, Path, list[str]]:
+    """The model, rlhf-ray's prepared prompt data and the same questions as text for TRL."""
+    from rlhf_ray.fixtures.demo_data import make_problems, prompt_rows, write_jsonl
+    from rlhf_ray.fixtures.tiny import build_tiny_model
+
+    model = build_tiny_model(work / f"model-{size['flavour']}", flavour=size["flavour"], seed=0)
+    problems = make_problems(1024, seed=0, max_operand=10)[512:768]       # the demo's RL prompts
+    write_jsonl(prompt_rows(problems), work / "prompt.jsonl")
+    data = work / "data-prompt"
+    if not data.exists():
+        subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "prepare", "--type", "prompt", "--input",
+                        str(work / "prompt.jsonl"), "--tokenizer_dir", str(model), "--conversation_template_config",
+                        str(assets() / "templates" / "tiny.json"), "--output", str(data), "--max_length", "128"],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
+    return model, data, [p.question for p in problems]
+
+
+def assets() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets"          # shipped inside the package
+
+
+def rlhf_ray_command(size: dict, model: Path, data: Path, log_dir: Path) -> list[str]:
+    batch = size["prompts"] * size["n"]
+    return [sys.executable, "-m", "rlhf_ray.cli", "grpo", "--pretrain", str(model), "--prompt_dataset", str(data),
+            "--conversation_template_config", str(assets() / "templates" / "tiny.json"),
+            "--reward_fn", f"{assets() / 'rewards' / 'number_only.py'}:number_only",
+            "--num_episodes", str(size["steps"]), "--experience_batch_size", str(size["prompts"]),
+            "--n_samples_per_prompt", str(size["n"]), "--max_new_tokens", str(size["tokens"]), "--ignore_eos",
+            "--max_prompt_len", "64", "--kv_cache_gib", str(size["kv_cache_gib"]),
+            "--train_batch_size", str(min(MICRO_BATCH, batch)), "--accumulation_steps",
+            str(max(1, batch // MICRO_BATCH)), "--num_update_steps", "1", "--lr", str(LR), "--kl_coef", str(KL_COEF),
+            "--warmup_steps", "0", "--weight_decay", "0", "--grad_clip", "1.0", "--colocate_all",
+            "--tensorboard", "false", "--progress", "false", "--save_path", str(log_dir / "ckpt"),
+            "--log_dir", str(log_dir)]
+
+
+def rlhf_ray_steps(log_dir: Path) -> tuple[list[float], float | None]:
+    """(seconds of each step, start-up seconds) from the run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r["timing/episode"] for r in rows if "timing/episode" in r]
+    startup = next((r["timing/startup"] for r in rows if "timing/startup" in r), None)
+    return steps, startup
+
+
+def trl_worker(spec_path: str) -> int:
+    """Body of the TRL process: GRPOTrainer on the spec's job; step end times to spec['out']."""
+    born = time.perf_counter()
+    spec = json.loads(Path(spec_path).read_text())
+    import importlib.util
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    loader = importlib.util.spec_from_file_location("number_only", assets() / "rewards" / "number_only.py")
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+
+    def reward(completions, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [module.number_only("", text, None)["reward"] for text in texts]
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks = []
+
+        def on_train_begin(self, *args, **kwargs):
+            self.marks.append(time.perf_counter())
+
+        def on_step_end(self, *args, **kwargs):
+            self.marks.append(time.perf_counter())
+
+    size, batch = spec["size"], spec["size"]["prompts"] * spec["size"]["n"]
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": q}]} for q in spec["questions"]])
+    config = GRPOConfig(
+        output_dir=spec["work"], per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+        num_generations=size["n"], max_completion_length=size["tokens"],
+        generation_kwargs={"min_new_tokens": size["tokens"]}, steps_per_generation=1, num_iterations=1,
+        temperature=1.0, top_p=1.0, top_k=0, learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=1.0, beta=KL_COEF, epsilon=0.2, loss_type="dapo", scale_rewards="group",
+        max_steps=size["steps"], logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
+        disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    clock = StepClock()
+    trainer = GRPOTrainer(model=spec["model"], reward_funcs=reward, args=config, train_dataset=dataset,
+                          callbacks=[clock])
+    trainer.train()
+    trainer.save_model(spec["work"] + "/final")
+    marks = clock.marks
+    Path(spec["out"]).write_text(json.dumps({"startup_s": marks[0] - born,
+                                             "steps": [b - a for a, b in zip(marks, marks[1:])]}))
+    return 0
+
+
+def summarise(wall: float, peak: int, steps: list[float], startup: float | None, size: dict) -> dict:
+    tokens = size["prompts"] * size["n"] * size["tokens"]
+    assert len(steps) == size["steps"], (len(steps), size["steps"])
+    return {"wall_s": wall, "startup_s": startup, "s_per_step": statistics.median(steps[1:] or steps),
+            "first_step_s": steps[0], "steps_s_total": sum(steps), "generated_tokens_per_s": tokens * len(steps) /
+            sum(steps), "peak_rss_gib": peak / 2**30}
+
+
+def run_size(name: str, size: dict, repeats: int, work: Path, env: dict) -> dict:
+    model, data, questions = prepare_inputs(work, size, env)
+    runs = {"trl": [], "rlhf_ray": []}
+    for repeat in range(repeats):
+        order = ["trl", "rlhf_ray"] if repeat % 2 == 0 else ["rlhf_ray", "trl"]
+        for system in order:
+            run_dir = work / f"{system}-{repeat}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if system == "trl":
+                spec = {"size": size, "model": str(model), "questions": questions, "work": str(run_dir),
+                        "out": str(run_dir / "steps.json")}
+                (run_dir / "spec.json").write_text(json.dumps(spec))
+                cmd = [sys.executable, "-m", "rlhf_ray.benchmarks.bench_trl_peer", "--trl_worker",
+                       str(run_dir / "spec.json")]
+            else:
+                cmd = rlhf_ray_command(size, model, data, run_dir)
+            wall, peak, status = run_measured(cmd, env, run_dir / "output.log")
+            if status:
+                raise RuntimeError(f"{system} exited with {status}; see {run_dir / 'output.log'}")
+            if system == "trl":
+                measured = json.loads((run_dir / "steps.json").read_text())
+                steps, startup = measured["steps"], measured["startup_s"]
+            else:
+                steps, startup = rlhf_ray_steps(run_dir)
+            runs[system].append(summarise(wall, peak, steps, startup, size))
+            row = runs[system][-1]
+            print(f"{name} {system:8s} repeat {repeat}: {row['s_per_step']:.3f} s/step, wall {row['wall_s']:.1f} s "
+                  f"(start-up {row['startup_s'] or float('nan'):.1f} s), {row['generated_tokens_per_s']:.0f} tok/s, "
+                  f"peak {row['peak_rss_gib']:.2f} GiB", flush=True)
+    best = {s: min(rs, key=lambda r: r["s_per_step"]) for s, rs in runs.items()}
+    median = lambda key, s: statistics.median(r[key] for r in runs[s])  # noqa: E731
+    ratios = {"steps_per_s_rlhf_ray_over_trl": median("s_per_step", "trl") / median("s_per_step", "rlhf_ray"),
+              "wall_trl_over_rlhf_ray": median("wall_s", "trl") / median("wall_s", "rlhf_ray"),
+              "tokens_per_s_rlhf_ray_over_trl": median("generated_tokens_per_s", "rlhf_ray") /
+              median("generated_tokens_per_s", "trl"),
+              "peak_memory_rlhf_ray_over_trl": median("peak_rss_gib", "rlhf_ray") / median("peak_rss_gib", "trl")}
+    print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), flush=True)
+    return {"workload": {**size, "model": f"tiny-{size['flavour']}"}, "runs": runs, "best": best,
+            "ratios_of_medians": ratios}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_trl_peer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setup", action="store_true", help=f"pip install {TRL_PIN} (constrained) and exit")
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["demo"], help="workloads to run")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: 30 demo, 4 heavy)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per system and size, alternating")
+    parser.add_argument("--trl_worker", default=None, help=argparse.SUPPRESS)
+    add_out_flag(parser)
+    args = parser.parse_args(argv)
+    if args.trl_worker:
+        return trl_worker(args.trl_worker)
+    if args.setup:
+        return setup_trl()
+    try:
+        from importlib.metadata import version
+
+        trl_version = version("trl")
+    except Exception:
+        parser.error(f"trl is not installed; run `python -m rlhf_ray.benchmarks.bench_trl_peer --setup` "
+                     f"(or `make bench-trl`), which installs {TRL_PIN}")
+    results = results_dir(args.out)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}      # rlhf-ray starts its own local Ray
+    env.update(OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               WANDB_MODE="offline", RAY_USAGE_STATS_ENABLED="0", TRANSFORMERS_VERBOSITY="error")
+    sizes = {}
+    for name in args.sizes:
+        size = {**SIZES[name], **({"steps": args.steps} if args.steps else {})}
+        sizes[name] = run_size(name, size, args.repeats, results / "trl_peer" / name, env)
+    write_report(results, "trl_peer.json", {
+        "benchmark": "trl_peer", "trl": trl_version, "repeats": args.repeats, "sizes": sizes,
+        "threads_per_process": env["OMP_NUM_THREADS"], "load_average_at_end": os.getloadavg(),
+        "note": "measured on a shared machine while other jobs ran: absolute times are noisy, read the ratios"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

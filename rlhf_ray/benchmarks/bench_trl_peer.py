@@ -147,19 +147,17 @@ def trl_worker(spec_path: str) -> int:
     """Body of the TRL process: GRPOTrainer on the spec's job; step end times to spec['out']."""
     born = time.perf_counter()
     spec = json.loads(Path(spec_path).read_text())
-    import importlib.util
-
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    loader = importlib.util.spec_from_file_location("number_only", assets() / "rewards" / "number_only.py")
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
+    from rlhf_ray.rewards import load_rule_function
+
+    number_only = load_rule_function(f"{assets() / 'rewards' / 'number_only.py'}:number_only")   # the job's reward
 
     def reward(completions, **_):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [module.number_only("", text, None)["reward"] for text in texts]
+        return [number_only("", text, None)["reward"] for text in texts]
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:

@@ -43,6 +43,9 @@ CONSTRAINED = ("torch", "transformers", "accelerate", "datasets")
 SIZES = {"demo": {"flavour": "debug", "prompts": 4, "n": 8, "tokens": 32, "steps": 30, "kv_cache_gib": 0.25},
          "heavy": {"flavour": "bench", "prompts": 32, "n": 8, "tokens": 256, "steps": 4, "kv_cache_gib": 1.0}}
 LR, KL_COEF, MICRO_BATCH = 5e-3, 0.001, 16
+# Both systems may use every core: TRL's one process runs torch with its default threads (one per core); rlhf-ray's
+# colocated roles take turns in sync mode, so each gets every core for its phase (threads = its reserved CPUs).
+CPUS = os.cpu_count() or 1
 
 
 def setup_trl() -> int:
@@ -120,7 +123,12 @@ def assets() -> Path:
     return Path(__file__).resolve().parent.parent / "assets"          # shipped inside the package
 
 
-def rlhf_ray_command(size: dict, model: Path, data: Path, log_dir: Path) -> list[str]:
+# The systems: TRL, and rlhf-ray with each generation backend (vLLM, its default, and transformers generate, which
+# has no per-step engine overhead and no vLLM import: the choice for a very small model).
+SYSTEMS = {"trl": None, "rlhf_ray": "vllm", "rlhf_ray_hf": "hf"}
+
+
+def rlhf_ray_command(size: dict, model: Path, data: Path, log_dir: Path, backend: str = "vllm") -> list[str]:
     batch = size["prompts"] * size["n"]
     return [sys.executable, "-m", "rlhf_ray.cli", "grpo", "--pretrain", str(model), "--prompt_dataset", str(data),
             "--conversation_template_config", str(assets() / "templates" / "tiny.json"),
@@ -131,8 +139,10 @@ def rlhf_ray_command(size: dict, model: Path, data: Path, log_dir: Path) -> list
             "--train_batch_size", str(min(MICRO_BATCH, batch)), "--accumulation_steps",
             str(max(1, batch // MICRO_BATCH)), "--num_update_steps", "1", "--lr", str(LR), "--kl_coef", str(KL_COEF),
             "--warmup_steps", "0", "--weight_decay", "0", "--grad_clip", "1.0", "--colocate_all",
+            *[flag for name in ("--cpus_per_worker", "--ref_cpus_per_worker", "--cpus_per_engine")
+              for flag in (name, str(CPUS))],
             "--tensorboard", "false", "--progress", "false", "--save_path", str(log_dir / "ckpt"),
-            "--log_dir", str(log_dir)]
+            "--log_dir", str(log_dir), "--backend", backend]
 
 
 def rlhf_ray_steps(log_dir: Path) -> tuple[list[float], float | None]:
@@ -198,11 +208,11 @@ def summarise(wall: float, peak: int, steps: list[float], startup: float | None,
             sum(steps), "peak_rss_gib": peak / 2**30}
 
 
-def run_size(name: str, size: dict, repeats: int, work: Path, env: dict) -> dict:
+def run_size(name: str, size: dict, repeats: int, work: Path, env: dict, systems: list[str]) -> dict:
     model, data, questions = prepare_inputs(work, size, env)
-    runs = {"trl": [], "rlhf_ray": []}
+    runs = {system: [] for system in systems}
     for repeat in range(repeats):
-        order = ["trl", "rlhf_ray"] if repeat % 2 == 0 else ["rlhf_ray", "trl"]
+        order = systems[repeat % len(systems):] + systems[:repeat % len(systems)]      # rotated each repeat
         for system in order:
             run_dir = work / f"{system}-{repeat}"
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +223,7 @@ def run_size(name: str, size: dict, repeats: int, work: Path, env: dict) -> dict
                 cmd = [sys.executable, "-m", "rlhf_ray.benchmarks.bench_trl_peer", "--trl_worker",
                        str(run_dir / "spec.json")]
             else:
-                cmd = rlhf_ray_command(size, model, data, run_dir)
+                cmd = rlhf_ray_command(size, model, data, run_dir, SYSTEMS[system])
             wall, peak, status = run_measured(cmd, env, run_dir / "output.log")
             if status:
                 raise RuntimeError(f"{system} exited with {status}; see {run_dir / 'output.log'}")
@@ -229,14 +239,16 @@ def run_size(name: str, size: dict, repeats: int, work: Path, env: dict) -> dict
                   f"peak {row['peak_rss_gib']:.2f} GiB", flush=True)
     best = {s: min(rs, key=lambda r: r["s_per_step"]) for s, rs in runs.items()}
     median = lambda key, s: statistics.median(r[key] for r in runs[s])  # noqa: E731
-    ratios = {"steps_per_s_rlhf_ray_over_trl": median("s_per_step", "trl") / median("s_per_step", "rlhf_ray"),
-              "wall_trl_over_rlhf_ray": median("wall_s", "trl") / median("wall_s", "rlhf_ray"),
-              "tokens_per_s_rlhf_ray_over_trl": median("generated_tokens_per_s", "rlhf_ray") /
-              median("generated_tokens_per_s", "trl"),
-              "peak_memory_rlhf_ray_over_trl": median("peak_rss_gib", "rlhf_ray") / median("peak_rss_gib", "trl")}
-    print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), flush=True)
+    ratios = {}
+    for ours in (s for s in systems if s != "trl"):
+        ratios[ours] = {"steps_per_s_over_trl": median("s_per_step", "trl") / median("s_per_step", ours),
+                        "wall_trl_over_ours": median("wall_s", "trl") / median("wall_s", ours),
+                        "tokens_per_s_over_trl": median("generated_tokens_per_s", ours) /
+                        median("generated_tokens_per_s", "trl"),
+                        "peak_memory_over_trl": median("peak_rss_gib", ours) / median("peak_rss_gib", "trl")}
+        print(f"{name} {ours}: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios[ours].items()), flush=True)
     return {"workload": {**size, "model": f"tiny-{size['flavour']}"}, "runs": runs, "best": best,
-            "ratios_of_medians": ratios}
+            "ratios_of_medians": ratios}   # per rlhf-ray system, against TRL
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["demo"], help="workloads to run")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: 30 demo, 4 heavy)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per system and size, alternating")
+    parser.add_argument("--systems", nargs="+", choices=sorted(SYSTEMS), default=["trl", "rlhf_ray"],
+                        help="what to run: trl, rlhf_ray (vLLM generation), rlhf_ray_hf (--backend hf)")
     parser.add_argument("--trl_worker", default=None, help=argparse.SUPPRESS)
     add_out_flag(parser)
     args = parser.parse_args(argv)
@@ -262,16 +276,19 @@ def main(argv: list[str] | None = None) -> int:
                      f"(or `make bench-trl`), which installs {TRL_PIN}")
     results = results_dir(args.out)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}      # rlhf-ray starts its own local Ray
-    env.update(OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+    env.pop("OMP_NUM_THREADS", None)                                     # torch's default: a thread per core
+    env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                WANDB_MODE="offline", RAY_USAGE_STATS_ENABLED="0", TRANSFORMERS_VERBOSITY="error")
     sizes = {}
     for name in args.sizes:
         size = {**SIZES[name], **({"steps": args.steps} if args.steps else {})}
-        sizes[name] = run_size(name, size, args.repeats, results / "trl_peer" / name, env)
+        if "trl" not in args.systems:
+            parser.error("--systems must include trl (the ratios are against it)")
+        sizes[name] = run_size(name, size, args.repeats, results / "trl_peer" / name, env, args.systems)
     write_report(results, "trl_peer.json", {
         "benchmark": "trl_peer", "trl": trl_version, "repeats": args.repeats, "sizes": sizes,
-        "threads_per_process": env["OMP_NUM_THREADS"], "load_average_at_end": os.getloadavg(),
-        "note": "measured on a shared machine while other jobs ran: absolute times are noisy, read the ratios"})
+        "cores": CPUS, "threads": f"TRL: torch default ({CPUS}); rlhf-ray: {CPUS} per colocated role",
+        "load_average_at_end": os.getloadavg()})
     return 0
 
 

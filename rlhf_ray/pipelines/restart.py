@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from ray.exceptions import RayActorError
 
@@ -37,6 +38,40 @@ def rank_lost(exc: BaseException, groups: Iterable) -> RankLostError | None:
     if isinstance(exc, RayActorError):
         return RankLostError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     return None
+
+
+@contextmanager
+def lost_ranks_raised(groups: Callable[[], Iterable]) -> Iterator[None]:
+    """Around one attempt: an error that came from a dead rank of `groups()` (read when it happens, since the
+    attempt creates them) leaves as RankLostError for the restart loop; any other error as it is."""
+    try:
+        yield
+    except Exception as exc:
+        lost = rank_lost(exc, groups())
+        if lost is None:
+            raise
+        raise lost from exc
+
+
+def train_then_export(train: Callable[[], Any], export: Callable[[Any], Any], prog: str) -> int:
+    """`export(train())`, exit status 0. The two failures that end a job cleanly give one message and status 1:
+    too many non-finite steps (the checkpoints written so far stay), and a failed checkpoint write (the model is
+    still on the ranks, so `export(the failed step)` still writes the HF model first). `export` returns where it
+    wrote."""
+    from rlhf_ray.checkpoint.hf_export import CheckpointWriteError, export_despite
+    from rlhf_ray.workers.trainer import NonFiniteStepsError
+
+    try:
+        result = train()
+    except NonFiniteStepsError as exc:
+        print(f"{prog}: {NonFiniteStepsError.message(exc)}", file=sys.stderr)
+        return 1
+    except CheckpointWriteError as failure:
+        failed_step = failure.step
+        print(f"{prog}: {export_despite(failure, lambda: export(failed_step))}", file=sys.stderr)
+        return 1
+    export(result)
+    return 0
 
 
 def newest_checkpoint_since(save_dir: Path, started: float) -> Path | None:

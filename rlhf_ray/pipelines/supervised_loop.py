@@ -29,9 +29,9 @@ import ray
 
 from rlhf_ray.config.base import ConfigError
 from rlhf_ray.checkpoint.atomic import rotate_checkpoints
-from rlhf_ray.checkpoint.hf_export import CheckpointWriteError, export_despite
+from rlhf_ray.checkpoint.hf_export import CheckpointWriteError
 from rlhf_ray.checkpoint.layout import CONFIG_BESIDE_CHECKPOINT, checkpoint_dir
-from rlhf_ray.pipelines.restart import rank_lost, run_with_restarts
+from rlhf_ray.pipelines.restart import lost_ranks_raised, rank_lost, run_with_restarts, train_then_export
 from rlhf_ray.pipelines.supervised import CHECKPOINT_STATE_FILE, StepPlan, SupervisedJob, epoch_order
 from rlhf_ray.placement import ClusterCapacity, ResourcePlan, connect_ray, disconnect_ray, spec_from_parallel
 from rlhf_ray.placement.groups import PlacementTimeoutError
@@ -40,7 +40,7 @@ from rlhf_ray.telemetry.timers import Timers
 from rlhf_ray.telemetry.tracker import build_tracker
 from rlhf_ray.utils import split_evenly
 from rlhf_ray.workers.group import WorkerGroup, get_failing_fast
-from rlhf_ray.workers.trainer import NonFiniteStepsError, TrainerWorker, merge_step_results
+from rlhf_ray.workers.trainer import TrainerWorker, merge_step_results
 
 
 def trainer_kwargs(cfg, job: SupervisedJob, *, frozen: bool = False) -> dict[str, Any]:
@@ -110,35 +110,23 @@ class SupervisedRun:
         """Start the groups, [restore], train and export; the groups are torn down however it ends. A lost rank
         is raised as RankLostError for the restart loop."""
         try:
-            try:
-                self._start_groups(resources)
-            except PlacementTimeoutError as exc:      # a busy pool: what holds it, no traceback
-                print(f"{self.prog}: {exc}", file=sys.stderr)
-                return 2
-            step, epoch, batch = 0, 0, 0
-            if resume_from is not None:
+            with lost_ranks_raised(lambda: (self.policy, self.reference)):
                 try:
-                    step, epoch, batch = self._restore(resume_from)
-                except ConfigError as exc:
+                    self._start_groups(resources)
+                except PlacementTimeoutError as exc:      # a busy pool: what holds it, no traceback
                     print(f"{self.prog}: {exc}", file=sys.stderr)
                     return 2
-            self.tracker = build_tracker(self.cfg.logging, run_name=self.job.name, config=self.cfg.to_dict())
-            self.tracker.log(self.timers.metrics(), step=step)
-            try:
-                step = self._train(step, epoch, batch, resumed=resume_from is not None)
-            except NonFiniteStepsError as exc:        # the checkpoints written so far stay; one message, exit 1
-                print(f"{self.prog}: {NonFiniteStepsError.message(exc)}", file=sys.stderr)
-                return 1
-            except CheckpointWriteError as failure:     # the model is still on the ranks: export it, then fail
-                print(f"{self.prog}: {export_despite(failure, lambda: self._export(failure.step))}", file=sys.stderr)
-                return 1
-            self._export(step)
-            return 0
-        except Exception as exc:
-            lost = rank_lost(exc, (self.policy, self.reference))
-            if lost is None:
-                raise
-            raise lost from exc
+                step, epoch, batch = 0, 0, 0
+                if resume_from is not None:
+                    try:
+                        step, epoch, batch = self._restore(resume_from)
+                    except ConfigError as exc:
+                        print(f"{self.prog}: {exc}", file=sys.stderr)
+                        return 2
+                self.tracker = build_tracker(self.cfg.logging, run_name=self.job.name, config=self.cfg.to_dict())
+                self.tracker.log(self.timers.metrics(), step=step)
+                return train_then_export(lambda: self._train(step, epoch, batch, resumed=resume_from is not None),
+                                         self._export, self.prog)
         finally:
             if self.tracker is not None:
                 self.tracker.close()

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import deque
 from contextlib import contextmanager
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import ray
 import torch
@@ -45,6 +45,8 @@ from rlhf_ray.rollout.weight_sync import ObjectStoreChannel, WeightSender, resol
 from rlhf_ray.workers.generator import GeneratorWorker
 from rlhf_ray.placement.groups import GroupSpec
 from rlhf_ray.workers.group import WorkerGroup
+
+ChunkCallback = Callable[[list[PromptRollout]], None]     # a chunk's finished rollouts, as they arrive
 
 
 class GeneratorGroup:
@@ -83,12 +85,16 @@ class GeneratorGroup:
 
     # ------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[Sequence[int]], *, sampling: dict[str, Any] | None = None,
-                 seed_offset: int | None = None) -> RolloutResult:
+                 seed_offset: int | None = None,
+                 on_chunk: ChunkCallback | None = None) -> RolloutResult:
         """Generate for token-id prompts; result.rollouts[i] belongs to prompts[i].
 
         sampling: per-call overrides of the section's sampling fields (e.g. {"temperature": 0}).
         seed_offset: mixed into every prompt's sampling seed (default: a per-group call counter), so repeated
             calls sample differently while a retried prompt samples identically.
+        on_chunk: called (on this thread) with each chunk's finished rollouts as soon as they arrive, while later
+            chunks still generate, so that scoring can start (every prompt exactly once; with partial rollouts
+            once, with the whole batch, since samples only finish in the last segments). Keep it quick.
         """
         with self._lock:
             params = self.section.sampling(sampling)
@@ -104,8 +110,10 @@ class GeneratorGroup:
             start = time.perf_counter()
             if self.section.partial_rollout:
                 result = self._generate_partial(prompt_ids, truncated, params, offset)
+                if on_chunk is not None:
+                    on_chunk(result.rollouts)
             else:
-                result = self._run_chunks(prompt_ids, truncated, params, offset)
+                result = self._run_chunks(prompt_ids, truncated, params, offset, on_chunk)
             result.generate_seconds = time.perf_counter() - start
             return result
 
@@ -134,19 +142,20 @@ class GeneratorGroup:
         return self.workers.call_rank(rank, "decode", responses)
 
     def _run_chunks(self, prompt_ids: list[list[int]], truncated: list[bool], params: dict,
-                    seed_offset: int) -> RolloutResult:
+                    seed_offset: int, on_chunk: ChunkCallback | None = None) -> RolloutResult:
         size = chunk_size_for(len(prompt_ids), len(self.engines), self.section.dispatch_chunk_size)
         pending = deque(PromptChunk(ix, [prompt_ids[i] for i in ix], [truncated[i] for i in ix], params, seed_offset)
                         for ix in split_into_chunks(list(range(len(prompt_ids))), size))
         inflight: dict[ray.ObjectRef, tuple[EngineLoad, PromptChunk]] = {}
         try:
-            return self._dispatch(pending, inflight, len(prompt_ids))
+            return self._dispatch(pending, inflight, len(prompt_ids), on_chunk)
         finally:
             for engine, chunk in inflight.values():    # an error left chunks behind: forget their load
                 engine.inflight_chunks -= 1
                 engine.inflight_prompts -= len(chunk)
 
-    def _dispatch(self, pending: deque, inflight: dict, num_prompts: int) -> RolloutResult:
+    def _dispatch(self, pending: deque, inflight: dict, num_prompts: int,
+                  on_chunk: ChunkCallback | None) -> RolloutResult:
         filled: list[PromptRollout | None] = [None] * num_prompts
         retried, failed = 0, []
         while pending or inflight:
@@ -184,6 +193,8 @@ class GeneratorGroup:
                 for rollout in rollouts:
                     assert filled[rollout.prompt_index] is None, f"prompt {rollout.prompt_index} filled twice"
                     filled[rollout.prompt_index] = rollout
+                if on_chunk is not None:
+                    on_chunk(rollouts)
         missing = [i for i, r in enumerate(filled) if r is None]
         assert not missing, f"prompts {missing[:8]} got no rollout"
         return RolloutResult(filled, retried_chunks=retried, failed_engines=failed)

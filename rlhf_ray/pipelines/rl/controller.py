@@ -38,6 +38,7 @@ from rlhf_ray.checkpoint.hf_export import CheckpointWriteError
 from rlhf_ray.checkpoint.layout import CONFIG_BESIDE_CHECKPOINT, checkpoint_dir
 from rlhf_ray.config.base import ConfigError
 from rlhf_ray.pipelines.rl.async_mode import AsyncCollector
+from rlhf_ray.pipelines.rl.chunk_rewards import ChunkRewards
 from rlhf_ray.pipelines.rl.config import BufferPlan, old_logprobs_from_update
 from rlhf_ray.pipelines.rl.experience import (AdvantageSettings, EpisodeKLController, build_experience,
                                               fill_informative_groups, finalize_experience, reward_model_inputs,
@@ -110,19 +111,28 @@ class RLController:
                 prompts = self.plan.prompts_per_collect
                 rows = self.data.prompt_rows(index, prompts, refill)
                 self._report_startup()
+                # a text reward scores each chunk as it arrives, while the rest generates
+                chunk_rewards = (None if self.reward_source.reads_tokens else
+                                 ChunkRewards(self.reward_source, lambda done: self._texts(done, rows)))
                 with timers("generate"):                                                # 1a
-                    rollouts = self.groups.generators.generate([row["input_ids"] for row in rows],
-                                                               seed_offset=index + refill * 1_000_003)
+                    rollouts = self.groups.generators.generate(
+                        [row["input_ids"] for row in rows], seed_offset=index + refill * 1_000_003,
+                        on_chunk=None if chunk_rewards is None else chunk_rewards.submit)
                 with timers("make_experience"):                                         # 1b
                     batch = build_experience(rollouts.rollouts, self.tokenizer.pad_token_id, refill * prompts)
                 with timers("score"):                                                   # 1c
-                    round_metrics.append({**rollouts.metrics(), **self.score(batch, rollouts.rollouts, rows)})
+                    round_metrics.append({**rollouts.metrics(),
+                                          **self.score(batch, rollouts.rollouts, rows, chunk_rewards,
+                                                       model_passes=not filtering)})
                 return batch
 
-            if self.cfg.algorithm.filter_groups:        # DAPO dynamic sampling: only groups with a signal
+            filtering = self.cfg.algorithm.filter_groups        # DAPO dynamic sampling: only groups with a signal
+            if filtering:
                 experience, sampling_metrics = fill_informative_groups(
                     make_batch, self.plan.prompts_per_collect, self.cfg.algorithm.max_num_gen_batches,
                     self.tokenizer.pad_token_id)
+                with timers("score"):                   # the model passes on the kept groups only
+                    sampling_metrics.update(self.score_models(experience))
             else:
                 experience, sampling_metrics = make_batch(0), {}
             metrics = {key: sum(m.get(key, 0.0) for m in round_metrics) / len(round_metrics)
@@ -153,7 +163,7 @@ class RLController:
         self.startup = {}
         self.startup_metrics.update({**parts, "startup/to_first_generation_s": total})
         seconds = {key.split("/")[1][:-2]: value for key, value in parts.items()}
-        overlap = "in parallel" if not self.cfg.placement.colocate_all else "one after the other"
+        overlap = "in parallel" if self.groups.engines_built_beside_trainers else "one after the other"
         print(f"[{self.job}] start-up {total:.1f} s to the first generation: Ray connect "
               f"{seconds.get('ray_connect', 0):.1f} s, role groups {seconds.get('groups', 0):.1f} s (generator "
               f"engines {seconds.get('generators', 0):.1f} s and trainer models {seconds.get('trainers', 0):.1f} s, "
@@ -167,13 +177,32 @@ class RLController:
               + ", ".join(f"{role} {mib:.0f}" for role, mib in peaks.items()), flush=True)
         return {f"memory/peak_rss_mib/{role}": mib for role, mib in peaks.items()}
 
-    def score(self, experience, rollouts, rows: list[dict]) -> dict[str, float]:
-        """Stage 1c: every scorer starts before any result is awaited. Sets scores, ref_logprobs, values,
-        old_logprobs on `experience`; returns the reward metrics."""
-        groups, batch = self.groups, scoring_batch(experience)
+    def score(self, experience, rollouts, rows: list[dict], chunk_rewards: ChunkRewards | None = None,
+              model_passes: bool = True) -> dict[str, float]:
+        """Stage 1c: every scorer starts before any result is awaited. Sets scores and (with `model_passes`)
+        ref_logprobs, values, old_logprobs on `experience`; returns the reward metrics. `chunk_rewards`: the text
+        rewards already started chunk by chunk during generation (else the whole batch is scored here)."""
         texts = self._reward_batch(experience, rollouts, rows)
-        reward = self.reward_source.score_async(texts)
-        pending = {}
+        if chunk_rewards is None:
+            reward = self.reward_source.score_async(texts).result
+        else:
+            reward = lambda: chunk_rewards.result(rollouts)  # noqa: E731
+        pending = self._start_model_passes(experience) if model_passes else {}
+        result = reward()
+        experience.scores = torch.tensor(result.rewards, dtype=torch.float32)
+        self.last_samples = first_samples(texts, result.rewards, experience.response_mask.sum(-1).tolist())
+        metrics = dict(result.metrics)
+        if model_passes:
+            metrics.update(self._finish_model_passes(experience, pending))
+        return metrics
+
+    def score_models(self, experience) -> dict[str, float]:
+        """The reference, critic and old-log-prob passes alone (dynamic sampling runs them on the kept groups
+        only, once the rewards have chosen them)."""
+        return self._finish_model_passes(experience, self._start_model_passes(experience))
+
+    def _start_model_passes(self, experience) -> dict[str, list]:
+        groups, batch, pending = self.groups, scoring_batch(experience), {}
         if groups.reference is not None:
             pending["ref_logprobs"] = groups.reference.call_rows_async("compute_response_logprobs", batch,
                                                                        temperature=self.temperature)
@@ -182,23 +211,22 @@ class RLController:
         if self.old_logprobs_pass:
             pending["old_logprobs"] = groups.policy.call_rows_async("compute_response_logprobs", batch,
                                                                     temperature=self.temperature)
+        return pending
+
+    def _finish_model_passes(self, experience, pending: dict[str, list]) -> dict[str, float]:
         for name, refs in pending.items():
             setattr(experience, name, torch.cat(ray.get(refs)))
-        result = reward.result()
-        experience.scores = torch.tensor(result.rewards, dtype=torch.float32)
-        self.last_samples = first_samples(texts, result.rewards, experience.response_mask.sum(-1).tolist())
-        metrics = dict(result.metrics)
-        mask = experience.response_mask.bool()
+        metrics = {}
         if experience.old_logprobs is not None:
             # The sampler's and the trainer's log-probs of the same tokens: ~0 when both run the same weights.
-            gap = (experience.old_logprobs - experience.rollout_logprobs).abs()[mask]
+            gap = (experience.old_logprobs - experience.rollout_logprobs).abs()[experience.response_mask.bool()]
             metrics["rollout/logprob_gap_mean"] = gap.mean().item() if gap.numel() else 0.0
         elif self.cfg.rl.old_logprobs_source == "rollout":
             experience.old_logprobs = experience.rollout_logprobs.clone()
         return metrics
 
-    def _reward_batch(self, experience, rollouts, rows: list[dict]) -> RewardBatch:
-        """Texts and answers for every source; token rows too when the source reads tokens (a reward model)."""
+    def _texts(self, rollouts, rows: list[dict]) -> RewardBatch:
+        """Prompt text, response text and answer of every sample of `rollouts`, in row order."""
         prompts, responses, answers = [], [], []
         for rollout in rollouts:
             prompt = self.tokenizer.decode(rollout.prompt_ids, skip_special_tokens=True)
@@ -206,13 +234,18 @@ class RLController:
                 prompts.append(prompt)
                 responses.append(sample.text)
                 answers.append(rows[rollout.prompt_index].get("gt_answer"))
+        return RewardBatch(prompts, responses, answers)
+
+    def _reward_batch(self, experience, rollouts, rows: list[dict]) -> RewardBatch:
+        """Texts and answers for every source; token rows too when the source reads tokens (a reward model)."""
+        texts = self._texts(rollouts, rows)
         if not self.reward_source.reads_tokens:
-            return RewardBatch(prompts, responses, answers)
+            return texts
         sequences, attention_mask = experience.sequences, experience.attention_mask
         if self.cfg.reward.rm_append_end:
             sequences, attention_mask = reward_model_inputs(experience, self.template_ids.stop_ids,
                                                             self.template_ids.end_ids, self.tokenizer.pad_token_id)
-        return RewardBatch(prompts, responses, answers, sequences, attention_mask)
+        return RewardBatch(texts.prompts, texts.responses, texts.gt_answers, sequences, attention_mask)
 
     # ------------------------------------------------------------ 2. update, 3. weight sync
     def update_episode(self, episode: int) -> dict[str, float]:

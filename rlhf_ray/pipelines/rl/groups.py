@@ -28,6 +28,7 @@ class RoleGroups:
     reward: Any | None = None
     placement_groups: dict[str, Any] = field(default_factory=dict)
     startup_s: dict[str, float] = field(default_factory=dict)   # startup/<part>_s: how long start_roles took
+    engines_built_beside_trainers: bool = True                  # False: the engines first, then the trainers
 
     def trainers(self) -> list[Any]:
         return [g for g in (self.policy, self.critic) if g is not None]
@@ -107,8 +108,9 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
 
     Every trainer actor is created before anything waits on one (actor start-up, mostly imports, overlaps across
     roles); the generator engines build in a thread meanwhile, while the trainers join their process groups and
-    load their models, except under --colocate_all, where a model loading beside a vLLM engine would skew the
-    engine's memory profiling. `groups.startup_s` gets the seconds of each part.
+    load their models, except under --colocate_all on GPUs, where a model loading beside a vLLM engine would skew
+    the engine's GPU memory profiling (on CPU its KV cache has a fixed size). `groups.startup_s` gets the seconds
+    of each part.
     """
 
     from rlhf_ray.workers.generator_group import GeneratorGroup
@@ -153,8 +155,8 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
             groups.startup_s["startup/generators_s"] = time.perf_counter() - started
             return generators
 
-        if cfg.placement.colocate_all:
-            groups.generators = start_generators()
+        if cfg.placement.colocate_all and spec.gpus_per_worker > 0:     # GPU memory profiling: engines first
+            groups.generators, groups.engines_built_beside_trainers = start_generators(), False
         else:
             pending_generators = pool.submit(start_generators)
         started = time.perf_counter()

@@ -126,58 +126,49 @@ def _attempt(cfg, job, data, tokenizer, ids, resume_from, prog, startup) -> int:
     `startup`: the job's start (perf_counter) and the seconds of its start-up parts so far.
     A lost trainer rank is raised as RankLostError for the restart loop (a generator engine's loss is the generator
     group's own business: it re-queues that engine's prompts)."""
-    from rlhf_ray.checkpoint.hf_export import CheckpointWriteError, export_despite
-    from rlhf_ray.pipelines.restart import rank_lost
+    from rlhf_ray.pipelines.restart import lost_ranks_raised, train_then_export
     from rlhf_ray.pipelines.rl.controller import RLController
     from rlhf_ray.pipelines.rl.groups import active_roles, start_roles
     from rlhf_ray.pipelines.rl.roles import check_plan, plan_roles, release_bundles, reserve_bundles
     from rlhf_ray.telemetry.tracker import build_tracker
-    from rlhf_ray.workers.trainer import NonFiniteStepsError
 
     start = time.perf_counter()
     groups = controller = tracker = None
     bundles: dict = {}
     try:
-        try:
-            plan = plan_roles(cfg, active_roles(cfg))
-            print(check_plan(plan), flush=True)
-            bundles = reserve_bundles(plan, cfg.train.placement_timeout_s)
-        except ConfigError as exc:
-            return _fail(prog, str(exc))
-        generator_section = cfg.generator.model_copy(
-            update={"stop_token_ids": sorted(set(cfg.generator.stop_token_ids) | set(ids.stop_ids))})
-        started = time.perf_counter()
-        groups = start_roles(cfg, plan, bundles, generator_section)
-        startup = {**startup, "startup/groups_s": time.perf_counter() - started, **groups.startup_s}
-        bundles = {}                                            # owned by `groups` from here on
-        tracker = build_tracker(cfg.logging, run_name=job, config=cfg.to_dict())
-        controller = RLController(cfg, job, groups, data, tokenizer, build_reward_source_for(cfg, groups, tokenizer),
-                                  tracker, ids)
-        controller.startup_metrics["timing/startup"] = time.perf_counter() - start
-        controller.startup = startup
-        if resume_from is not None:
+        with lost_ranks_raised(lambda: [] if groups is None else [groups.policy, groups.critic, groups.reference,
+                                                                  groups.reward]):
             try:
-                controller.resume(resume_from)
+                plan = plan_roles(cfg, active_roles(cfg))
+                print(check_plan(plan), flush=True)
+                bundles = reserve_bundles(plan, cfg.train.placement_timeout_s)
             except ConfigError as exc:
                 return _fail(prog, str(exc))
-            print(f"[{job}] resumed from {resume_from}: episode {controller.start_episode}, policy version "
-                  f"{controller.version}", flush=True)
-        try:
-            controller.run()
-        except NonFiniteStepsError as exc:            # the checkpoints written so far stay; one message, exit 1
-            print(f"{prog}: {NonFiniteStepsError.message(exc)}", file=sys.stderr)
-            return 1
-        except CheckpointWriteError as failure:       # the policy is still on the ranks: export it, then fail
-            print(f"{prog}: {export_despite(failure, controller.export)}", file=sys.stderr)
-            return 1
-        print(f"[{job}] HF policy -> {controller.export()}", flush=True)
-        return 0
-    except Exception as exc:
-        lost = rank_lost(exc, [] if groups is None else [groups.policy, groups.critic, groups.reference,
-                                                         groups.reward])
-        if lost is None:
-            raise
-        raise lost from exc
+            generator_section = cfg.generator.model_copy(
+                update={"stop_token_ids": sorted(set(cfg.generator.stop_token_ids) | set(ids.stop_ids))})
+            started = time.perf_counter()
+            groups = start_roles(cfg, plan, bundles, generator_section)
+            startup = {**startup, "startup/groups_s": time.perf_counter() - started, **groups.startup_s}
+            bundles = {}                                            # owned by `groups` from here on
+            tracker = build_tracker(cfg.logging, run_name=job, config=cfg.to_dict())
+            controller = RLController(cfg, job, groups, data, tokenizer,
+                                      build_reward_source_for(cfg, groups, tokenizer), tracker, ids)
+            controller.startup_metrics["timing/startup"] = time.perf_counter() - start
+            controller.startup = startup
+            if resume_from is not None:
+                try:
+                    controller.resume(resume_from)
+                except ConfigError as exc:
+                    return _fail(prog, str(exc))
+                print(f"[{job}] resumed from {resume_from}: episode {controller.start_episode}, policy version "
+                      f"{controller.version}", flush=True)
+
+            def export(_result):
+                where = controller.export()
+                print(f"[{job}] HF policy -> {where}", flush=True)
+                return where
+
+            return train_then_export(controller.run, export, prog)
     finally:
         if tracker is not None:
             tracker.close()

@@ -1,7 +1,7 @@
 """Peer benchmark: TRL's GRPOTrainer against `rlhf-ray grpo`, the same GRPO job on the same machine.
 
     python -m rlhf_ray.benchmarks.bench_trl_peer --setup              # pip-installs the pinned trl (make bench-trl)
-    python -m rlhf_ray.benchmarks.bench_trl_peer --sizes demo heavy --repeats 2
+    python -m rlhf_ray.benchmarks.bench_trl_peer --sizes demo heavy
 
 TRL is a benchmark-only dependency: --setup installs TRL_PIN into this interpreter's environment with the
 installed torch / transformers / accelerate / datasets as constraints, so nothing of ours is replaced; `make test`
@@ -13,9 +13,15 @@ tokens per sample (rlhf-ray --ignore_eos, TRL min_new_tokens = max_completion_le
 over all P x n completions, AdamW at the same lr (no weight decay, cosine decay, no warm-up, grad clip 1.0),
 KL coefficient 0.001 against a reference model, clip 0.2, token-mean loss, group-normalised advantages, the
 number_only rule reward, a final save. rlhf-ray runs as the demo's GRPO stage does (--colocate_all, one vLLM
-engine); TRL in one process with transformers generate. Sizes:
-    demo    'debug' tiny Llama (the demo's model, 0.46M params), 4 prompts x 8 samples x 32 tokens
-    heavy   'bench' tiny Llama (13M params), 32 prompts x 8 samples x 256 tokens (generation dominates)
+engine; rlhf_ray_hf: the same with --backend hf, transformers generate in the generator actor); TRL in one process
+with transformers generate. Every core is used by both: TRL's torch at its default threads, each colocated
+rlhf-ray role at --cpus_per_worker/--cpus_per_engine = the core count (the roles take turns in sync mode).
+--ignore_eos in rlhf-ray also ignores the template's end-of-turn id, so both generate exactly T tokens per sample
+(checked from rlhf-ray's metrics). Sizes (default steps, repeats, systems):
+    demo    'debug' tiny Llama (the demo's model, 0.46M params), 4 prompts x 8 samples x 32 tokens; 50 steps, 2
+            repeats, trl / rlhf_ray / rlhf_ray_hf
+    heavy   'bench' tiny Llama (13M params), 32 prompts x 8 samples x 256 tokens (generation dominates); 3 steps,
+            1 repeat (a TRL step takes minutes here), trl / rlhf_ray
 Each run is a fresh process (rlhf-ray: the CLI with its own local Ray), the systems alternate (rotated order each
 repeat). Measured per run: end-to-end wall time (process start to exit), start-up (to the first step), s/step
 (median over the steps after the first), generated tokens/s over the steps, and peak memory (the largest sum of
@@ -40,8 +46,11 @@ from rlhf_ray.benchmarks import add_out_flag, results_dir, write_report
 
 TRL_PIN = "trl==1.16.0"
 CONSTRAINED = ("torch", "transformers", "accelerate", "datasets")
-SIZES = {"demo": {"flavour": "debug", "prompts": 4, "n": 8, "tokens": 32, "steps": 30, "kv_cache_gib": 0.25},
-         "heavy": {"flavour": "bench", "prompts": 32, "n": 8, "tokens": 256, "steps": 4, "kv_cache_gib": 1.0}}
+# Per size: the job, and the default steps, repeats and systems (a heavy TRL step takes minutes here).
+SIZES = {"demo": {"flavour": "debug", "prompts": 4, "n": 8, "tokens": 32, "steps": 50, "kv_cache_gib": 0.25,
+                  "repeats": 2, "systems": ["trl", "rlhf_ray", "rlhf_ray_hf"]},
+         "heavy": {"flavour": "bench", "prompts": 32, "n": 8, "tokens": 256, "steps": 3, "kv_cache_gib": 1.0,
+                   "repeats": 1, "systems": ["trl", "rlhf_ray"]}}
 LR, KL_COEF, MICRO_BATCH = 5e-3, 0.001, 16
 # Both systems may use every core: TRL's one process runs torch with its default threads (one per core); rlhf-ray's
 # colocated roles take turns in sync mode, so each gets every core for its phase (threads = its reserved CPUs).
@@ -145,12 +154,13 @@ def rlhf_ray_command(size: dict, model: Path, data: Path, log_dir: Path, backend
             "--log_dir", str(log_dir), "--backend", backend]
 
 
-def rlhf_ray_steps(log_dir: Path) -> tuple[list[float], float | None]:
-    """(seconds of each step, start-up seconds) from the run's metrics.jsonl."""
+def rlhf_ray_steps(log_dir: Path) -> tuple[list[float], float | None, set[float]]:
+    """(seconds of each step, start-up seconds, the steps' mean response lengths) from the run's metrics.jsonl."""
     rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r["timing/episode"] for r in rows if "timing/episode" in r]
     startup = next((r["timing/startup"] for r in rows if "timing/startup" in r), None)
-    return steps, startup
+    lengths = {r["rollout/response_len_mean"] for r in rows if "rollout/response_len_mean" in r}
+    return steps, startup, lengths
 
 
 def trl_worker(spec_path: str) -> int:
@@ -231,7 +241,9 @@ def run_size(name: str, size: dict, repeats: int, work: Path, env: dict, systems
                 measured = json.loads((run_dir / "steps.json").read_text())
                 steps, startup = measured["steps"], measured["startup_s"]
             else:
-                steps, startup = rlhf_ray_steps(run_dir)
+                steps, startup, lengths = rlhf_ray_steps(run_dir)
+                if lengths != {float(size["tokens"])}:             # the same job: exactly T tokens per sample
+                    raise RuntimeError(f"{system} generated mean lengths {sorted(lengths)}, not {size['tokens']}")
             runs[system].append(summarise(wall, peak, steps, startup, size))
             row = runs[system][-1]
             print(f"{name} {system:8s} repeat {repeat}: {row['s_per_step']:.3f} s/step, wall {row['wall_s']:.1f} s "
@@ -256,10 +268,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setup", action="store_true", help=f"pip install {TRL_PIN} (constrained) and exit")
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["demo"], help="workloads to run")
-    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: 30 demo, 4 heavy)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per system and size, alternating")
-    parser.add_argument("--systems", nargs="+", choices=sorted(SYSTEMS), default=["trl", "rlhf_ray"],
-                        help="what to run: trl, rlhf_ray (vLLM generation), rlhf_ray_hf (--backend hf)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: 50 demo, 3 heavy)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per system and size, alternating "
+                                                                  "(default: 2 demo, 1 heavy)")
+    parser.add_argument("--systems", nargs="+", choices=sorted(SYSTEMS), default=None,
+                        help="what to run: trl, rlhf_ray (vLLM generation), rlhf_ray_hf (--backend hf); default: "
+                             "all three on demo, trl and rlhf_ray on heavy")
     parser.add_argument("--trl_worker", default=None, help=argparse.SUPPRESS)
     add_out_flag(parser)
     args = parser.parse_args(argv)
@@ -280,13 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                WANDB_MODE="offline", RAY_USAGE_STATS_ENABLED="0", TRANSFORMERS_VERBOSITY="error")
     sizes = {}
+    if args.systems and "trl" not in args.systems:
+        parser.error("--systems must include trl (the ratios are against it)")
     for name in args.sizes:
-        size = {**SIZES[name], **({"steps": args.steps} if args.steps else {})}
-        if "trl" not in args.systems:
-            parser.error("--systems must include trl (the ratios are against it)")
-        sizes[name] = run_size(name, size, args.repeats, results / "trl_peer" / name, env, args.systems)
+        size = {**SIZES[name], **{key: value for key, value in (("steps", args.steps), ("repeats", args.repeats),
+                                                                ("systems", args.systems)) if value}}
+        sizes[name] = run_size(name, size, size["repeats"], results / "trl_peer" / name, env, size["systems"])
     write_report(results, "trl_peer.json", {
-        "benchmark": "trl_peer", "trl": trl_version, "repeats": args.repeats, "sizes": sizes,
+        "benchmark": "trl_peer", "trl": trl_version, "sizes": sizes,
         "cores": CPUS, "threads": f"TRL: torch default ({CPUS}); rlhf-ray: {CPUS} per colocated role",
         "load_average_at_end": os.getloadavg()})
     return 0

@@ -58,7 +58,9 @@ class GeneratorSection(Section):
     stop: list[str] = Field(default_factory=list, description="stop strings (not included in the output)")
     stop_token_ids: list[int] = Field(default_factory=list, description="extra stop token ids besides the "
                                                                          "model's EOS (included in the output)")
-    ignore_eos: bool = Field(False, description="keep generating past EOS (benchmarks with fixed lengths)")
+    ignore_eos: bool = Field(False, description="keep generating past EOS and, in RL jobs, past the template's "
+                                                "end-of-turn ids (benchmarks with fixed lengths); stop_token_ids "
+                                                "still stop")
     seed: int | None = Field(0, description="base sampling seed; each prompt's seed is derived from it, the "
                                             "call's seed_offset and the prompt index, so a retried prompt "
                                             "samples the same tokens on any engine (vLLM); null = unseeded")

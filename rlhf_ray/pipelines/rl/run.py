@@ -144,8 +144,10 @@ def _attempt(cfg, job, data, tokenizer, ids, resume_from, prog, startup) -> int:
                 bundles = reserve_bundles(plan, cfg.train.placement_timeout_s)
             except ConfigError as exc:
                 return _fail(prog, str(exc))
+            # the template's end-of-turn ids stop a response, unless --ignore_eos asks for fixed lengths
+            implicit_stops = set() if cfg.generator.ignore_eos else set(ids.stop_ids)
             generator_section = cfg.generator.model_copy(
-                update={"stop_token_ids": sorted(set(cfg.generator.stop_token_ids) | set(ids.stop_ids))})
+                update={"stop_token_ids": sorted(set(cfg.generator.stop_token_ids) | implicit_stops)})
             started = time.perf_counter()
             groups = start_roles(cfg, plan, bundles, generator_section)
             startup = {**startup, "startup/groups_s": time.perf_counter() - started, **groups.startup_s}

@@ -195,3 +195,57 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_to_resume_from
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
     engine.save_checkpoint(save_dir / "step_2", {"step": 2})    # the next save clears the partial one
     assert latest_checkpoint(save_dir) == save_dir / "step_2" and not partial.exists()
+
+
+_TWO_RANK_WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import torch.distributed as dist
+    from rlhf_ray.checkpoint.atomic import atomic_directory
+    from rlhf_ray.engines.collectives import all_reduce_sums
+
+    rank, port, target, fail_at = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    agree = lambda ok: all_reduce_sums([0.0 if ok else 1.0], "cpu")[0] == 0.0
+    start = time.monotonic()
+    try:
+        with atomic_directory(target, is_writer=rank == 0, agree=agree) as tmp:
+            if fail_at == f"write{rank}":
+                raise OSError(f"rank {rank}: no space left on device")
+            (tmp / f"part{rank}").write_text("x")
+        print("RESULT ok", flush=True)
+    except OSError as exc:
+        print(f"RESULT {type(exc).__name__}: {exc} after {time.monotonic() - start:.1f}s", flush=True)
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.parametrize("fail_at", ["none", "prepare", "write0", "write1"])
+def test_a_rank_that_fails_its_part_of_a_save_releases_the_others(tmp_path, fail_at):
+    """Two gloo ranks (plain processes): whichever rank fails a phase, both leave within seconds (no barrier
+    waits for the collective timeout), the failing rank with its own error, the other with PeerWriteError; the
+    target never holds a half-written checkpoint."""
+    from rlhf_ray.utils import free_port
+
+    target = tmp_path / "ckpt"
+    if fail_at == "prepare":                     # the writer cannot create the directory: its parent is a file
+        (tmp_path / "file").write_text("")
+        target = tmp_path / "file" / "ckpt"
+    script = tmp_path / "writer.py"
+    script.write_text(_TWO_RANK_WRITER)
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), port, str(target), fail_at],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        results.append(next(line[7:] for line in out.splitlines() if line.startswith("RESULT ")))
+    if fail_at == "none":
+        assert results == ["ok", "ok"] and sorted(p.name for p in target.iterdir()) == ["COMPLETE", "MANIFEST.json",
+                                                                                       "part0", "part1"]
+        return
+    failing = 1 if fail_at == "write1" else 0
+    assert "PeerWriteError" not in results[failing] and "Error" in results[failing], results
+    assert results[1 - failing].startswith("PeerWriteError") and "another rank failed" in results[1 - failing]
+    assert all(float(r.rsplit(" after ", 1)[1].rstrip("s")) < 30 for r in results), results
+    assert not target.exists() and not target.with_name(".ckpt.tmp").exists()

@@ -1,6 +1,6 @@
 """Atomic checkpoint directories: every rank writes into a temporary sibling, rank 0 renames it into place.
 
-    with atomic_directory(path, is_writer=rank == 0, barrier=engine_barrier) as tmp:
+    with atomic_directory(path, is_writer=rank == 0, agree=engine.agree) as tmp:
         ... every rank writes its files under tmp ...
     # here `path` holds the complete checkpoint, or (after a crash) the previous one, never a half-written one
 
@@ -27,33 +27,50 @@ MANIFEST_FILE = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-def _no_barrier() -> None:
-    return None
+def _alone(ok: bool) -> bool:
+    return ok
+
+
+class PeerWriteError(OSError):
+    """Another rank failed its part of a collective write; that rank raises the error itself."""
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path, *, is_writer: bool = True, barrier: Callable[[], None] = _no_barrier,
+def atomic_directory(path: str | Path, *, is_writer: bool = True, agree: Callable[[bool], bool] = _alone,
                      seal: bool = True) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on clean exit it replaces `path` in one rename.
 
+    agree(ok) -> whether every rank passed ok=True: a collective that is also the barrier between the phases
+    (prepare, every rank writes, rank 0 seals and renames). A rank that fails a phase passes False, so every rank
+    leaves together: the one that failed with its error, the others with PeerWriteError, instead of waiting in a
+    barrier for the collective timeout. (A rank that fails inside a collective of the write itself, e.g. a
+    sharded state-dict gather, still leaves its peers in that collective.)
     seal: write MANIFEST.json and the COMPLETE marker (resumable checkpoints); False for an HF export, which the
     rename alone makes atomic and whose readers (transformers, vLLM) expect no extra files."""
     final = Path(path)
     tmp = final.with_name(f".{final.name}.tmp")
-    if is_writer:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)           # left by a run that died mid-save
-        tmp.mkdir()
-    barrier()
-    try:
-        yield tmp
-    except BaseException:
-        if is_writer:                    # a failed write leaves nothing half-written behind (a kill still may:
-            shutil.rmtree(tmp, ignore_errors=True)      # the next save of the same path clears that)
-        raise
-    barrier()                            # every rank has finished writing
-    if is_writer:
+
+    def phase(step: Callable[[], None], what: str) -> None:
+        error = None
+        try:
+            step()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others have been told
+            error = exc
+        if not agree(error is None):
+            if error is not None:
+                raise error
+            raise PeerWriteError(f"{final}: another rank failed to {what}; its error names the cause")
+
+    def prepare() -> None:
+        if is_writer:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)           # left by a run that died mid-save
+            tmp.mkdir()
+
+    def seal_and_rename() -> None:
+        if not is_writer:
+            return
         if seal:
             write_manifest(tmp)
             (tmp / COMPLETE_MARKER).write_text("ok\n")
@@ -66,7 +83,20 @@ def atomic_directory(path: str | Path, *, is_writer: bool = True, barrier: Calla
         tmp.rename(final)
         if old.exists():
             shutil.rmtree(old)
-    barrier()                            # nobody reads `path` before it is in place
+
+    phase(prepare, "prepare the directory")
+    try:
+        try:
+            yield tmp
+        except BaseException:
+            agree(False)                     # the others wait in the agree below: they leave too
+            raise
+        phase(lambda: None, "write its part")           # every rank has finished writing
+        phase(seal_and_rename, "seal and rename it")    # nobody reads `path` before it is in place
+    except BaseException:
+        if is_writer:                    # a failed write leaves nothing half-written behind (a kill still may:
+            shutil.rmtree(tmp, ignore_errors=True)      # the next save of the same path clears that)
+        raise
 
 
 def _fsync_dir(path: Path) -> None:

@@ -5,7 +5,7 @@ every rank must drain it (gathering is collective) while only the writer rank ke
 shards of at most `max_shard_bytes`, with `model.safetensors.index.json` when there is more than one shard:
 
     write_hf_directory(out, engine.iter_weights(), config=model.config, tokenizer=tok, is_writer=rank == 0,
-                       barrier=barrier)
+                       agree=agree)
 
 LoRA adapters that are not merged are written in peft's layout instead (`write_peft_adapter`), loadable with
 `PeftModel.from_pretrained(base_model, out)`.
@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 import torch
 from safetensors.torch import save_file
 
-from rlhf_ray.checkpoint.atomic import _no_barrier, atomic_directory
+from rlhf_ray.checkpoint.atomic import _alone, atomic_directory
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
 SAFETENSORS_METADATA = {"format": "pt"}     # transformers refuses safetensors files without it
@@ -76,11 +76,11 @@ def _write_shards(directory: Path, weights: Iterable[tuple[str, torch.Tensor]], 
 
 def write_hf_directory(directory: str | Path, weights: Iterable[tuple[str, torch.Tensor]], *, config: Any,
                        generation_config: Any = None, tokenizer: Any = None, dtype: torch.dtype | None = None,
-                       is_writer: bool = True, barrier: Callable[[], None] = _no_barrier,
+                       is_writer: bool = True, agree: Callable[[bool], bool] = _alone,
                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Atomically write an HF model directory; collective over the ranks that produce `weights`."""
     directory = Path(directory)
-    with atomic_directory(directory, is_writer=is_writer, barrier=barrier, seal=False) as tmp:
+    with atomic_directory(directory, is_writer=is_writer, agree=agree, seal=False) as tmp:
         _write_shards(tmp, weights, dtype, keep=is_writer, max_shard_bytes=max_shard_bytes)
         if is_writer:
             config = copy.deepcopy(config)
@@ -96,11 +96,11 @@ def write_hf_directory(directory: str | Path, weights: Iterable[tuple[str, torch
 
 def write_peft_adapter(directory: str | Path, adapter_weights: Iterable[tuple[str, torch.Tensor]], *, lora_config: Any,
                        tokenizer: Any = None, is_writer: bool = True,
-                       barrier: Callable[[], None] = _no_barrier) -> Path:
+                       agree: Callable[[bool], bool] = _alone) -> Path:
     """Write LoRA adapters in peft's layout: adapter_config.json + adapter_model.safetensors with keys
     `base_model.model.<module>.lora_A.weight` (adapter name dropped), as PeftModel.save_pretrained does."""
     directory = Path(directory)
-    with atomic_directory(directory, is_writer=is_writer, barrier=barrier, seal=False) as tmp:
+    with atomic_directory(directory, is_writer=is_writer, agree=agree, seal=False) as tmp:
         tensors = {}
         for name, tensor in adapter_weights:
             if is_writer:

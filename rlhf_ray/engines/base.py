@@ -108,7 +108,7 @@ class TrainEngine(ABC):
         rank), engine_state.json (scheduler, loss scaler, steps, layout) and client_state.json (step, data
         position). Collective: every rank calls it."""
         client_json = json.dumps(client_state or {})      # fail before writing anything if it is not JSON-able
-        with atomic_directory(directory, is_writer=self.rank == 0, barrier=self.barrier) as tmp:
+        with atomic_directory(directory, is_writer=self.rank == 0, agree=self.agree) as tmp:
             self._save_model_and_optimizer(tmp)
             save_rng(tmp / "rng", self.rank)
             if self.rank == 0:
@@ -157,6 +157,10 @@ class TrainEngine(ABC):
         keys = sorted(metrics)
         sums = all_reduce_sums([metrics[k] for k in keys], self.device)
         return {k: v / self.world_size for k, v in zip(keys, sums)}
+
+    def agree(self, ok: bool) -> bool:
+        """Whether every rank passed ok=True: one all-reduce on the engine's device (so also a barrier)."""
+        return all_reduce_sums([0.0 if ok else 1.0], self.device)[0] == 0.0
 
     def barrier(self) -> None:
         """Wait for every rank (no-op in a single process)."""

@@ -208,7 +208,7 @@ class ColossalEngine(TrainEngine):
         module = self._hf_module
         write_hf_directory(directory, self.iter_weights(), config=module.config,
                            generation_config=getattr(module, "generation_config", None), tokenizer=tokenizer,
-                           dtype=dtype, is_writer=self.rank == 0, barrier=self.barrier)
+                           dtype=dtype, is_writer=self.rank == 0, agree=self.agree)
 
     def _save_model_and_optimizer(self, directory: Path) -> None:
         if self.torch_ddp:

@@ -224,11 +224,11 @@ class TorchNativeEngine(TrainEngine):
         if has_lora(module) and not merge:
             lora_config = build_lora_config(self.model_cfg, self.model_cfg.pretrain if self.model_cfg else None)
             write_peft_adapter(directory, iter_lora_weights(module), lora_config=lora_config, tokenizer=tokenizer,
-                               is_writer=is_writer, barrier=self.barrier)
+                               is_writer=is_writer, agree=self.agree)
             return
         write_hf_directory(directory, self.iter_weights(), config=module.config,
                            generation_config=getattr(module, "generation_config", None), tokenizer=tokenizer,
-                           dtype=dtype, is_writer=is_writer, barrier=self.barrier)
+                           dtype=dtype, is_writer=is_writer, agree=self.agree)
 
     # ------------------------------------------------------------ checkpoints
     def _save_model_and_optimizer(self, directory: Path) -> None:

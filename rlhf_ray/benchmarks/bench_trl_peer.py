@@ -26,6 +26,8 @@ Each run is a fresh process (rlhf-ray: the CLI with its own local Ray), the syst
 repeat). Measured per run: end-to-end wall time (process start to exit), start-up (to the first step), s/step
 (median over the steps after the first), generated tokens/s over the steps, and peak memory (the largest sum of
 RSS over the run's process tree, sampled every 0.25 s; pages shared between processes count once per process).
+Start-up: TRL from its worker's start (before importing trl) to the first step; rlhf-ray from the job's start
+(before Ray starts) to the first generation.
 Ratios are rlhf-ray's advantage: TRL s/step / rlhf-ray s/step (= steps/s ratio), TRL wall / rlhf-ray wall,
 tokens/s ratio, and rlhf-ray memory / TRL memory. Writes <--out>/trl_peer.json.
 """
@@ -158,9 +160,17 @@ def rlhf_ray_steps(log_dir: Path) -> tuple[list[float], float | None, set[float]
     """(seconds of each step, start-up seconds, the steps' mean response lengths) from the run's metrics.jsonl."""
     rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r["timing/episode"] for r in rows if "timing/episode" in r]
-    startup = next((r["timing/startup"] for r in rows if "timing/startup" in r), None)
+    # start-up as TRL's is measured: from the job's start (before Ray) to the first generation
+    startup = next((r["startup/to_first_generation_s"] for r in rows if "startup/to_first_generation_s" in r), None)
     lengths = {r["rollout/response_len_mean"] for r in rows if "rollout/response_len_mean" in r}
     return steps, startup, lengths
+
+
+def phase_medians(log_dir: Path) -> dict[str, float]:
+    """Median seconds of each phase of an rlhf-ray step (generate, score, update, weight_sync) over the steps."""
+    rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {phase: statistics.median(r[f"timing/{phase}"] for r in rows if f"timing/{phase}" in r)
+            for phase in ("generate", "score", "update", "weight_sync")}
 
 
 def trl_worker(spec_path: str) -> int:
@@ -245,6 +255,8 @@ def run_size(name: str, size: dict, repeats: int, work: Path, env: dict, systems
                 if lengths != {float(size["tokens"])}:             # the same job: exactly T tokens per sample
                     raise RuntimeError(f"{system} generated mean lengths {sorted(lengths)}, not {size['tokens']}")
             runs[system].append(summarise(wall, peak, steps, startup, size))
+            if system != "trl":
+                runs[system][-1]["phases_s"] = phase_medians(run_dir)
             row = runs[system][-1]
             print(f"{name} {system:8s} repeat {repeat}: {row['s_per_step']:.3f} s/step, wall {row['wall_s']:.1f} s "
                   f"(start-up {row['startup_s'] or float('nan'):.1f} s), {row['generated_tokens_per_s']:.0f} tok/s, "

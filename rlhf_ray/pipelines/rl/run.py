@@ -170,7 +170,8 @@ def _attempt(cfg, job, data, tokenizer, ids, resume_from, prog, startup) -> int:
         except CheckpointWriteError as failure:       # the policy is still on the ranks: export it, then fail
             print(f"{prog}: {export_despite(failure, controller.export)}", file=sys.stderr)
             return 1
-        print(f"[{job}] HF policy -> {controller.export()}", flush=True)
+        if not controller.simulated:
+            print(f"[{job}] HF policy -> {controller.export()}", flush=True)
         return 0
     except Exception as exc:
         lost = rank_lost(exc, [] if groups is None else [groups.policy, groups.critic, groups.reference,

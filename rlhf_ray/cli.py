@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grpo": ("rlhf_ray.pipelines.grpo", "GRPO / RLOO / REINFORCE++ with verifiable rewards, no critic"),
     "chat": ("rlhf_ray.pipelines.chat", "talk to a checkpoint through its chat template (one-shot or interactive)"),
     "plot": ("rlhf_ray.telemetry.plots", "draw the curves of one or more runs (their --log_dir) into PNGs"),
-    "bench": ("rlhf_ray.benchmarks.run_all", "benchmarks vs baselines; `bench rollout|sync --model DIR` on yours"),
+    "bench": ("rlhf_ray.benchmarks.run_all", "benchmarks vs baselines; `bench rollout|sync|rl_loop --model DIR` on yours"),
     "submit": ("rlhf_ray.submit", "submit any of these to a Ray cluster (ray job submit), stream logs, exit with its status"),
     "cluster": ("rlhf_ray.hostfile_cluster", "up --hostfile FILE: Ray on the hosts of a hostfile; down: stop it"),
     "demo": ("rlhf_ray.demo", "the embedded end-to-end demo (what `make demo` runs)"),

@@ -98,3 +98,19 @@ print(json.dumps({"pool": labels[node]}))
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"pool": "gen"}
+
+
+def test_rollout_bench_through_job_submit_reports_where_its_files_are(local_cluster, tiny_model_dir, tmp_path):
+    """`rlhf-ray submit -- bench rollout ...`: the engine on pool gen; the report is written by the job's driver on
+    the head node at --out (absolute here, so it outlives the job's working_dir copy), and the job's log says where."""
+    pytest.importorskip("vllm")
+    out = (tmp_path / "bench").resolve()
+    done = submit(local_cluster, "bench", "rollout", "--model", str(tiny_model_dir), "--engines", "1", "--pool",
+                  "gen", "--num_prompts", "4", "--output_len", "8", "--n", "2", "--repeats", "1", "--min_seconds",
+                  "0", "--skip_raw", "--name", "rollout_job", "--out", str(out))
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
+    report = json.loads((out / "rollout_job.json").read_text())
+    assert report["rows"][0]["group"]["tokens"] == 4 * 2 * 8 and "raw" not in report["rows"][0]
+    assert (out / "rollout_job.png").stat().st_size > 0
+    assert f"wrote {out / 'rollout_job.json'}" in done.stdout and f"wrote {out / 'rollout_job.png'}" in done.stdout
+    assert "this ran as a Ray job on" in done.stdout and "may delete" not in done.stdout   # --out was absolute

@@ -45,8 +45,13 @@ def machine() -> str:
 
 
 def write_report(out: str | Path, filename: str, report: dict) -> Path:
-    """report + the machine line as JSON at out/filename; prints where it went."""
-    path = results_dir(out) / filename
+    """report + the machine line as JSON at out/filename; prints its absolute path (and, in a Ray job, the host)."""
+    path = (results_dir(out) / filename).resolve()
     path.write_text(json.dumps({**report, "machine": machine()}, indent=2) + "\n")
     print(f"wrote {path}", flush=True)
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:      # set by Ray in a submitted job's driver process
+        print(f"(this ran as a Ray job on {platform.node()}: the files are on that node"
+              + ("" if Path(out).is_absolute() else ", inside the job's copy of --working_dir, which Ray may delete "
+                 "after the job; pass an absolute --out on that node or on storage you can read")
+              + ")", flush=True)
     return path

@@ -35,7 +35,6 @@ def run_mode(model_dir: Path, prompts: Path, work: Path, mode: str, episodes: in
     from rlhf_ray.config.base import parse_config
     from rlhf_ray.pipelines.rl.config import GRPOConfig
     from rlhf_ray.pipelines.rl.run import run_rl
-    from rlhf_ray.telemetry.tracker import read_jsonl_metrics
 
     log_dir = work / f"log-{mode}"
     argv = ["--pretrain", str(model_dir), "--prompt_dataset", str(prompts), "--reward_fn", REWARD_FN,
@@ -47,6 +46,13 @@ def run_mode(model_dir: Path, prompts: Path, work: Path, mode: str, episodes: in
     cfg = parse_config(GRPOConfig, argv, "bench_partial_rollout")
     if run_rl(cfg, "grpo") != 0:
         raise SystemExit(f"{mode} run failed")
+    return summarise_episodes(log_dir)
+
+
+def summarise_episodes(log_dir: Path) -> dict:
+    """A run's metrics.jsonl -> means over its episodes after the first (the first carries the warm-up)."""
+    from rlhf_ray.telemetry.tracker import read_jsonl_metrics
+
     rows = [row for row in read_jsonl_metrics(log_dir / "metrics.jsonl") if "timing/episode" in row][1:]
     mean = lambda key: sum(row.get(key, 0.0) for row in rows) / len(rows)  # noqa: E731
     tokens = sum(row["rollout/response_len_mean"] * row["rollout/samples"] for row in rows)
@@ -57,6 +63,7 @@ def run_mode(model_dir: Path, prompts: Path, work: Path, mode: str, episodes: in
             "generate_s": mean("timing/generate"), "update_s": mean("timing/update"),
             "weight_sync_s": mean("timing/weight_sync"),
             "staleness_max": max(row["rollout/staleness_max"] for row in rows),
+            "staleness_mean": mean("rollout/staleness_mean"),
             "syncs_crossed": sum(row.get("rollout/partial_syncs_crossed", 0.0) for row in rows),
             "resumed_frac": mean("rollout/partial_resumed_frac"),
             "newer_token_frac": mean("rollout/partial_newer_token_frac")}

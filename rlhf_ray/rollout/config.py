@@ -41,6 +41,10 @@ class GeneratorSection(Section):
                                                           "reset after every weight update")
     enforce_eager: bool = Field(True, description="no CUDA graphs / torch.compile in vLLM (required on CPU)")
     max_restarts: int = Field(1, ge=0, description="times Ray restarts a crashed generator actor")
+    sampler_weight_noise_std: float = Field(
+        0.0, ge=0, description="DIAGNOSTIC, for tests and benchmarks of the off-policy correction: add N(0, std^2) "
+                               "noise (seeded) to every floating-point weight the vLLM engine loads, at start and at "
+                               "every weight sync, so the sampler's log-probs differ from the trainer's; 0 = off")
 
     # ---------------------------------------------------------------- prompts
     max_prompt_len: int = Field(512, ge=1, description="longest prompt in tokens; longer ones follow "
@@ -101,6 +105,10 @@ class GeneratorSection(Section):
         if self.partial_rollout and self.stop:
             raise ValueError(f"partial_rollout with stop strings {self.stop}: a stop string split between two "
                              f"segments would be missed; use --stop_token_ids, or turn --partial_rollout off")
+        if self.backend == "hf" and self.sampler_weight_noise_std > 0:
+            raise ValueError(f"--sampler_weight_noise_std {self.sampler_weight_noise_std} perturbs the weights "
+                             f"inside the vLLM engine, but --backend is hf; use --backend vllm, or "
+                             f"--sampler_weight_noise_std 0")
         if self.backend == "hf" and self.tensor_parallel_size > 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs backend vllm "
                              f"(the hf backend runs one device per engine); set --tensor_parallel_size 1")

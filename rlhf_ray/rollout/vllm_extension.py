@@ -73,11 +73,29 @@ class WeightSyncExtension:
 
         if not getattr(self, "_rlhf_updating", False):
             raise RuntimeError("a weight bucket arrived outside an update session (call rlhf_begin_weight_update)")
+        noise = getattr(self, "_rlhf_weight_noise", None)
+        if noise is not None:
+            named = [(name, add_weight_noise(tensor, *noise)) for name, tensor in named]
         with set_current_vllm_config(self.vllm_config):
             self.model_runner.get_model().load_weights(iter(named))
         self._rlhf_loaded += len(named)
         self._rlhf_names.update(name for name, _ in named)
         return len(named)
+
+    # ------------------------------------------------------------ diagnostic: an injected sampler/trainer mismatch
+    def rlhf_set_weight_noise(self, std: float, seed: int, model_path: str) -> int:
+        """From now on every floating-point tensor loaded gets N(0, std^2) noise (GeneratorSection.
+        sampler_weight_noise_std; fresh seeded draws at each sync), and the weights the engine started with are
+        reloaded from model_path's safetensors through the same path. Returns the tensors reloaded."""
+        from rlhf_ray.models.meta_loading import CheckpointReader
+
+        reader = CheckpointReader.open(model_path)
+        if reader is None:
+            raise ValueError(f"sampler_weight_noise_std needs safetensors weights in {model_path}; none found")
+        self._rlhf_weight_noise = (float(std), torch.Generator().manual_seed(int(seed)))
+        self.rlhf_begin_weight_update()
+        self._rlhf_load([(name, reader.read(name, ())) for name in sorted(reader.shapes)])
+        return self.rlhf_finish_weight_update()
 
     # ------------------------------------------------------------ channels
     def rlhf_load_bucket(self, metadata: Sequence[Sequence], buffer) -> int:
@@ -124,6 +142,15 @@ class WeightSyncExtension:
         torch.cuda.synchronize()
         del shared
         return self._rlhf_load(unpack_bucket(metadata, flat))
+
+
+def add_weight_noise(tensor: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """tensor + N(0, std^2) noise drawn on CPU from `generator` (a new tensor; integer tensors are returned as they
+    are). The draw is in float32 and the sum is cast back to the tensor's dtype."""
+    if not tensor.is_floating_point():
+        return tensor
+    noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).to(tensor.device)
+    return (tensor.float() + std * noise).to(tensor.dtype)
 
 
 def _rebuild_tied_output_layers(model: torch.nn.Module) -> int:

@@ -75,6 +75,11 @@ class RLScheduleSection(Section):
                             "exactly when that gives the same loss (and the reward's KL does not read them)")
     forward_batch_size: int = Field(16, ge=1, description="rows per forward pass when scoring (log-probs, "
                                                           "values, rewards)")
+    simulated_trainer_step_s: float | None = Field(
+        None, ge=0, description="benchmarking: the policy group is a stand-in whose optimizer step takes this many "
+                                "seconds (it only syncs the initial weights; old and reference log-probs are the "
+                                "sampler's; no reference group, no checkpoint, no export); generation, rewards, "
+                                "buffer, async mode, partial rollouts and weight syncs run for real")
 
 
 class AlgorithmSection(Section):
@@ -447,6 +452,28 @@ def check_sampler_logprobs(cfg: RLConfig) -> None:
                           f"sample with --top_p 1 --top_k -1 (and --logprobs_mode processed), or turn that off")
 
 
+def check_simulated_trainer(cfg: RLConfig) -> str | None:
+    """--simulated_trainer_step_s: refuse what a stand-in policy cannot do (train a critic, resume, write
+    checkpoints); returns the note to print, or None when the trainer is real."""
+    step_s = cfg.rl.simulated_trainer_step_s
+    if step_s is None:
+        return None
+    refused = [flag for flag, on in (
+        (f"--advantage_estimator {cfg.algorithm.advantage_estimator} (it trains a critic)",
+         cfg.algorithm.needs_critic),
+        (f"--checkpoint_path {cfg.checkpoint.checkpoint_path} (there is no trained state to resume)",
+         bool(cfg.checkpoint.checkpoint_path)),
+        (f"--save_interval {cfg.checkpoint.save_interval} (a checkpoint would hold untrained weights)",
+         cfg.checkpoint.save_interval > 0)) if on]
+    if refused:
+        raise ConfigError(f"--simulated_trainer_step_s {step_s} replaces the policy by a stand-in that does not "
+                          f"train, which rules out {'; '.join(refused)}; drop those flags, or drop "
+                          f"--simulated_trainer_step_s to train for real")
+    return (f"simulated trainer: each optimizer step of the policy takes {step_s:g} s (a stand-in that only syncs the "
+            f"initial weights); old and reference log-probs are the sampler's (ratio 1, KL 0), no reference group; "
+            f"no checkpoint and no model are written to --save_path {cfg.checkpoint.save_path}")
+
+
 def check_rl_config(cfg: RLConfig, job: str) -> list[str]:
     """Checks across sections; raises ConfigError naming the flags. Returns derived decisions to print."""
     notes: list[str] = []
@@ -475,6 +502,7 @@ def check_rl_config(cfg: RLConfig, job: str) -> list[str]:
         raise ConfigError("--kl_ctrl_type adaptive needs --target_kl (e.g. 6.0, summed KL per sequence)")
     if algo.kl_ctrl_type == "adaptive" and algo.kl_mode != "reward":
         raise ConfigError("--kl_ctrl_type adaptive steers the KL penalty in the reward; use it with --kl_mode reward")
+    simulated = check_simulated_trainer(cfg)
     source = cfg.reward.resolved_source()
     if source == "model" and not cfg.reward.rm_path:
         raise ConfigError("--reward_source model needs --rm_checkpoint_path (a `rlhf-ray rm` output) or --rm_pretrain")
@@ -501,13 +529,14 @@ def check_rl_config(cfg: RLConfig, job: str) -> list[str]:
     if explicit and cfg.rl.old_logprobs_source == "rollout":
         raise ConfigError(f"{' '.join(explicit)} compares the trainer's old log-probs with the sampler's, but "
                           f"--old_logprobs_source rollout makes them the same; use --old_logprobs_source policy")
-    check_sampler_logprobs(cfg)
-    notes.append(old_logprobs_from_update(cfg)[1])
+    if simulated is None:                   # a stand-in trains on nothing: any sampling settings will do
+        check_sampler_logprobs(cfg)
+    notes.append(simulated or old_logprobs_from_update(cfg)[1])
     if cfg.data.pretrain_dataset and algo.ptx_coef == 0:
         notes.append("--pretrain_dataset is given but --ptx_coef is 0: no ptx loss is computed")
     if algo.kl_coef == 0:
         notes.append("kl_coef is 0: no KL term and no reference group")
-    if cfg.rl.async_mode and cfg.rl.old_logprobs_source == "policy":
+    if cfg.rl.async_mode and cfg.rl.old_logprobs_source == "policy" and simulated is None:
         notes.append("async mode: the policy recomputes old log-probs at the start of each update (the policy is "
                      "busy training while the next batch is scored)")
         if algo.rollout_is == "auto":
@@ -515,6 +544,6 @@ def check_rl_config(cfg: RLConfig, job: str) -> list[str]:
                          f"pi_sampler, {algo.rollout_is_threshold}) on the policy loss (--rollout_is none: off)")
     if hasattr(cfg, "critic") and not algo.needs_critic:
         notes.append(f"advantage_estimator={algo.advantage_estimator!r} needs no critic: no critic group is started")
-    if cfg.checkpoint.save_interval == 0:
+    if cfg.checkpoint.save_interval == 0 and simulated is None:
         notes.append("save_interval 0: one resumable checkpoint at the end")
     return notes

@@ -20,6 +20,8 @@ only in the estimator, the KL placement and whether a critic exists.
                          timing/<phase>; startup/<part>_s with the first episode (and a log line at the first
                          generation), memory/peak_rss_mib/<role> with the last (and a log line)
     async mode: stage 1 of episode e + 1 runs in a background thread (async_mode.py) during stages 2-3 of e.
+    --simulated_trainer_step_s S: the policy group is a stand-in (workers/simulated_trainer.py) whose update takes
+    S s per optimizer step; 1c takes the reference log-probs from the sampler; no checkpoint, no export.
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ class RLController:
                                    name=f"{job}-experience")
         # the policy scores old log-probs while collecting only in sync mode, and only when the update cannot take
         # them from its own forward pass (async mode: the update recomputes them first)
+        self.simulated = cfg.rl.simulated_trainer_step_s is not None    # a stand-in policy (--simulated_trainer_step_s)
         self.old_logprobs_pass = (cfg.rl.old_logprobs_source == "policy" and not cfg.rl.async_mode
-                                  and not old_logprobs_from_update(cfg)[0])
+                                  and not old_logprobs_from_update(cfg)[0] and not self.simulated)
         self.reward_norm = RunningMoments() if cfg.algorithm.reward_normalization else None
         self._reward_norm_after: dict[int, dict] = {}  # its state after collecting episode e (checkpointed with e)
         self.version = 0                   # policy version = weight syncs so far; episode e trains at version e
@@ -223,6 +226,8 @@ class RLController:
             metrics["rollout/logprob_gap_mean"] = gap.mean().item() if gap.numel() else 0.0
         elif self.cfg.rl.old_logprobs_source == "rollout":
             experience.old_logprobs = experience.rollout_logprobs.clone()
+        if self.simulated and self.cfg.algorithm.kl_coef > 0:    # no reference group: the sampler's, so KL 0
+            experience.ref_logprobs = experience.rollout_logprobs.clone()
         return metrics
 
     def _texts(self, rollouts, rows: list[dict]) -> RewardBatch:
@@ -313,7 +318,10 @@ class RLController:
             if collector:
                 collector.stop()
         done, interval = cfg.rl.num_episodes, cfg.checkpoint.save_interval
-        if self.start_episode < done and not (interval and done % interval == 0):
+        if self.simulated:
+            print(f"[{self.job}] simulated trainer: no checkpoint and no model written (the weights never trained)",
+                  flush=True)
+        elif self.start_episode < done and not (interval and done % interval == 0):
             print(f"[{self.job}] checkpoint -> {self.save_checkpoint(done)}", flush=True)
 
     # ------------------------------------------------------------ checkpoints and export

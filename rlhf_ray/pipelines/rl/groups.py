@@ -21,7 +21,7 @@ from rlhf_ray.workers.rl_objectives import RLLossSettings
 
 @dataclass
 class RoleGroups:
-    policy: Any                      # WorkerGroup of RLWorker
+    policy: Any                      # WorkerGroup of RLWorker (SimulatedTrainerWorker: --simulated_trainer_step_s)
     generators: Any                  # GeneratorGroup
     critic: Any | None = None
     reference: Any | None = None
@@ -64,7 +64,7 @@ def trainable_roles(cfg) -> list[str]:
 
 def active_roles(cfg) -> list[str]:
     roles = trainable_roles(cfg)
-    if cfg.algorithm.kl_coef > 0:
+    if cfg.algorithm.kl_coef > 0 and cfg.rl.simulated_trainer_step_s is None:   # simulated: the sampler's stand in
         roles.append("reference")
     if cfg.reward.resolved_source() == "model":
         roles.append("reward")
@@ -126,9 +126,15 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
     groups = RoleGroups(policy=None, generators=None, placement_groups=placement_groups)
     pool, pending_generators = ThreadPoolExecutor(max_workers=1, thread_name_prefix="start-generators"), None
     try:
-        groups.policy = _group(RLWorker, plan.specs["policy"], pg["policy"], "policy",
-                               {"model": cfg.model.model_dump(), "train": train, "parallel": parallel["policy"],
-                                "loss": losses, **common})
+        if cfg.rl.simulated_trainer_step_s is None:
+            groups.policy = _group(RLWorker, plan.specs["policy"], pg["policy"], "policy",
+                                   {"model": cfg.model.model_dump(), "train": train, "parallel": parallel["policy"],
+                                    "loss": losses, **common})
+        else:
+            from rlhf_ray.workers.simulated_trainer import SimulatedTrainerWorker
+
+            groups.policy = _group(SimulatedTrainerWorker, plan.specs["policy"], pg["policy"], "policy",
+                                   {"model": cfg.model.model_dump(), "step_s": cfg.rl.simulated_trainer_step_s})
         if "critic" in plan.specs:
             critic_model = cfg.model.model_copy(update={"pretrain": critic_model_path(cfg),
                                                         "tokenizer_dir": cfg.model.resolved_tokenizer_dir()})

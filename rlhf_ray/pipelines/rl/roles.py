@@ -1,8 +1,9 @@
 """Roles -> resources -> Ray actor groups, with colocation.
 
-    policy      RLWorker group (trainable causal LM), the parallel section's layout
+    policy      RLWorker group (trainable causal LM), the parallel section's layout; SimulatedTrainerWorker under
+                --simulated_trainer_step_s (a stand-in that syncs the initial weights and sleeps through updates)
     critic      RLWorker group (trainable value model), the policy's ranks, its own resources       PPO with GAE
-    reference   RLWorker group (frozen causal LM = the initial policy)                             kl_coef > 0
+    reference   RLWorker group (frozen causal LM = the initial policy)          kl_coef > 0, trainer not simulated
     reward      RLWorker group (frozen value model = the reward model)                             reward_source model
     generator   GeneratorGroup (vLLM engines)
 

@@ -166,6 +166,8 @@ def _attempt(cfg, job, data, tokenizer, ids, resume_from, prog, startup) -> int:
                       f"{controller.version}", flush=True)
 
             def export(_result):
+                if controller.simulated:                # a stand-in policy: nothing trained, nothing to export
+                    return None
                 where = controller.export()
                 print(f"[{job}] HF policy -> {where}", flush=True)
                 return where

@@ -149,6 +149,9 @@ class VLLMBackend(GenerationBackend):
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = section.resolved_max_model_len()
         self.in_process = section.tensor_parallel_size == 1
+        if section.sampler_weight_noise_std > 0:
+            # diagnostic: an injected sampler/trainer mismatch (see vllm_extension.rlhf_set_weight_noise)
+            self._rpc("set_weight_noise", section.sampler_weight_noise_std, engine_seed, model_path)
 
     # ------------------------------------------------------------ generation
     def generate(self, chunk: PromptChunk) -> list[list[Sample]]:

@@ -51,8 +51,8 @@ CONSTRAINED = ("torch", "transformers", "accelerate", "datasets")
 # Per size: the job, and the default steps, repeats and systems (a heavy TRL step takes minutes here).
 SIZES = {"demo": {"flavour": "debug", "prompts": 4, "n": 8, "tokens": 32, "steps": 50, "kv_cache_gib": 0.25,
                   "repeats": 2, "systems": ["trl", "rlhf_ray", "rlhf_ray_hf"]},
-         # the KV cache holds the whole batch: 256 sequences x ~320 tokens x 16 KiB per token (fp32, 4 layers,
-         # 8 KV heads x 64) = 1.25 GiB; at 1 GiB part of the batch waited for a second wave
+         # the KV cache holds the whole batch: 256 sequences x 3 blocks of 128 tokens (vLLM's CPU block; prompt
+         # <= 64 + 256 new) x 16 KiB per token (fp32, 4 layers, 8 KV heads x 64) = 1.5 GiB; 1 GiB ran ~170 at once
          "heavy": {"flavour": "bench", "prompts": 32, "n": 8, "tokens": 256, "steps": 3, "kv_cache_gib": 2.0,
                    "repeats": 1, "systems": ["trl", "rlhf_ray"]}}
 LR, KL_COEF, MICRO_BATCH = 5e-3, 0.001, 16

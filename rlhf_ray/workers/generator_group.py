@@ -248,9 +248,8 @@ class GeneratorGroup:
         """Stream the trainer group's weights (its workers mix in WeightSyncSourceMixin) into every live engine
         and stamp them with `version`. Stale engines (restarted) are brought up to date too."""
         with self._weight_update_turn():
-            targets = self._sync_targets()
+            targets, states = self._answering_targets()
             handles = [self.workers.actor(e.rank) for e in targets]
-            states = ray.get([self.workers.call_rank_async(e.rank, "state") for e in targets])
             kind = resolve_channel(channel or self.section.weight_sync_channel,
                                    trainer_group.call_rank(0, "weight_sync_placement"), states)
             # (Re)connect when the trainer, channel or set of engines changed, or when an engine lost its place
@@ -313,6 +312,22 @@ class GeneratorGroup:
         if not self._usable():
             raise RuntimeError(f"generator group {self.name!r}: no live engine to sync ({self._describe()})")
         return self._usable()
+
+    def _answering_targets(self) -> tuple[list[EngineLoad], list[dict]]:
+        """The sync targets that answer a state call, and their states. An engine lost since its last chunk (its
+        host killed between a generate and this sync) is probed like one that failed a chunk and left out."""
+        while True:
+            targets = self._sync_targets()
+            refs = [self.workers.call_rank_async(e.rank, "state") for e in targets]
+            answered = []
+            for engine, ref in zip(targets, refs):
+                try:
+                    answered.append((engine, ray.get(ref)))
+                except RayActorError:
+                    engine.failures += 1
+                    self._start_probe(engine)
+            if len(answered) == len(targets):
+                return targets, [state for _, state in answered]
 
     def _mark_stale(self, targets: list[EngineLoad]) -> None:
         """A sync failed part-way: no engine it touched may generate until a sync succeeds."""

@@ -49,6 +49,14 @@ from rlhf_ray.workers.group import WorkerGroup
 ChunkCallback = Callable[[list[PromptRollout]], None]     # a chunk's finished rollouts, as they arrive
 
 
+def _raises_actor_error(ref: ray.ObjectRef) -> bool:
+    try:
+        ray.get(ref)
+    except RayActorError:
+        return True
+    return False
+
+
 class GeneratorGroup:
     def __init__(self, section: GeneratorSection, model_path: str, *, tokenizer_dir: str | None = None,
                  name: str = "generator", placement=None, bundle_indices: Sequence[int] | None = None,
@@ -248,28 +256,54 @@ class GeneratorGroup:
         """Stream the trainer group's weights (its workers mix in WeightSyncSourceMixin) into every live engine
         and stamp them with `version`. Stale engines (restarted) are brought up to date too."""
         with self._weight_update_turn():
-            targets, states = self._answering_targets()
-            handles = [self.workers.actor(e.rank) for e in targets]
-            kind = resolve_channel(channel or self.section.weight_sync_channel,
-                                   trainer_group.call_rank(0, "weight_sync_placement"), states)
-            # (Re)connect when the trainer, channel or set of engines changed, or when an engine lost its place
-            # in the broadcast group (a restarted actor starts outside it).
-            key = (id(trainer_group), kind, tuple(e.rank for e in targets))
-            rejoin = kind in ("gloo", "nccl") and any(s["weight_group_id"] != self._group_id for s in states)
-            if key != self._channel_key or rejoin:
-                self._group_id = f"{self.name}-{uuid.uuid4().hex[:8]}"
-                trainer_group.call_all("connect_weight_receivers", kind, handles,
-                                       [s["ranks_per_engine"] for s in states],
-                                       int(self.section.weight_sync_bucket_mb * (1 << 20)), self._group_id,
-                                       timeout_s)
-                self._channel_key = key
-            try:
-                stats = trainer_group.call_all("send_weights", version)[0]
-            except Exception:
-                self._mark_stale(targets)                # they may hold a mix of old and new layers
-                raise
-            self._mark_synced(targets, version)
-            return {**stats, "weight_sync/engines": float(len(targets))}
+            for attempt in range(len(self.engines)):
+                targets, states = self._answering_targets()
+                try:
+                    stats = self._send_from(trainer_group, targets, states, version, channel, timeout_s)
+                except Exception:
+                    self._mark_stale(targets)                # they may hold a mix of old and new layers
+                    # an engine lost mid-sync (its host gone) breaks the broadcast for all: drop it and resend to
+                    # the others; with every engine answering, the failure is the trainer's and is raised
+                    if not self._drop_silent(targets) or attempt == len(self.engines) - 1:
+                        raise
+                    continue
+                self._mark_synced(targets, version)
+                return {**stats, "weight_sync/engines": float(len(targets))}
+        raise AssertionError("unreachable")
+
+    def _send_from(self, trainer_group, targets: list[EngineLoad], states: list[dict], version: int,
+                   channel: str | None, timeout_s: float) -> dict[str, float]:
+        """One sync attempt to `targets`: (re)connect the channel when needed, then stream."""
+        handles = [self.workers.actor(e.rank) for e in targets]
+        kind = resolve_channel(channel or self.section.weight_sync_channel,
+                               trainer_group.call_rank(0, "weight_sync_placement"), states)
+        # (Re)connect when the trainer, channel or set of engines changed, or when an engine lost its place in
+        # the broadcast group (a restarted actor starts outside it).
+        key = (id(trainer_group), kind, tuple(e.rank for e in targets))
+        rejoin = kind in ("gloo", "nccl") and any(s["weight_group_id"] != self._group_id for s in states)
+        if key != self._channel_key or rejoin:
+            self._group_id = f"{self.name}-{uuid.uuid4().hex[:8]}"
+            self._channel_key = None                 # a failed connect must not look connected
+            trainer_group.call_all("connect_weight_receivers", kind, handles,
+                                   [s["ranks_per_engine"] for s in states],
+                                   int(self.section.weight_sync_bucket_mb * (1 << 20)), self._group_id, timeout_s)
+            self._channel_key = key
+        return trainer_group.call_all("send_weights", version)[0]
+
+    def _drop_silent(self, targets: list[EngineLoad], timeout_s: float = 30.0) -> bool:
+        """Probe `targets` after a failed sync; those that do not answer within timeout_s are probed like an
+        engine that failed a chunk (left out until they come back). True when any was dropped."""
+        refs = {engine.rank: self.workers.call_rank_async(engine.rank, "state") for engine in targets}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        dropped = False
+        for engine in targets:
+            ref = refs[engine.rank]
+            if ref in ready and not _raises_actor_error(ref):
+                continue
+            engine.failures += 1
+            self._start_probe(engine)
+            dropped = True
+        return dropped
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int,
                      timeout_s: float = 300.0) -> dict[str, float]:

@@ -42,6 +42,7 @@ def test_chunks_in_any_order_equal_the_whole_batch():
         pending.submit(chunk)
     combined = pending.result(rollouts)
     assert combined.rewards == whole.rewards and len(set(whole.rewards)) == 2
+    assert vars(pending.texts) == vars(texts)                          # the batch's texts, in row order too
     assert combined.metrics.keys() == whole.metrics.keys()
     for key, value in whole.metrics.items():
         assert combined.metrics[key] == pytest.approx(value, abs=1e-12), key

@@ -49,14 +49,6 @@ from rlhf_ray.workers.group import WorkerGroup
 ChunkCallback = Callable[[list[PromptRollout]], None]     # a chunk's finished rollouts, as they arrive
 
 
-def _raises_actor_error(ref: ray.ObjectRef) -> bool:
-    try:
-        ray.get(ref)
-    except RayActorError:
-        return True
-    return False
-
-
 class GeneratorGroup:
     def __init__(self, section: GeneratorSection, model_path: str, *, tokenizer_dir: str | None = None,
                  name: str = "generator", placement=None, bundle_indices: Sequence[int] | None = None,
@@ -264,7 +256,7 @@ class GeneratorGroup:
                     self._mark_stale(targets)                # they may hold a mix of old and new layers
                     # an engine lost mid-sync (its host gone) breaks the broadcast for all: drop it and resend to
                     # the others; with every engine answering, the failure is the trainer's and is raised
-                    if not self._drop_silent(targets) or attempt == len(self.engines) - 1:
+                    if len(self._states_of(targets)) == len(targets) or attempt == len(self.engines) - 1:
                         raise
                     continue
                 self._mark_synced(targets, version)
@@ -289,21 +281,6 @@ class GeneratorGroup:
                                    int(self.section.weight_sync_bucket_mb * (1 << 20)), self._group_id, timeout_s)
             self._channel_key = key
         return trainer_group.call_all("send_weights", version)[0]
-
-    def _drop_silent(self, targets: list[EngineLoad], timeout_s: float = 30.0) -> bool:
-        """Probe `targets` after a failed sync; those that do not answer within timeout_s are probed like an
-        engine that failed a chunk (left out until they come back). True when any was dropped."""
-        refs = {engine.rank: self.workers.call_rank_async(engine.rank, "state") for engine in targets}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-        dropped = False
-        for engine in targets:
-            ref = refs[engine.rank]
-            if ref in ready and not _raises_actor_error(ref):
-                continue
-            engine.failures += 1
-            self._start_probe(engine)
-            dropped = True
-        return dropped
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int,
                      timeout_s: float = 300.0) -> dict[str, float]:
@@ -349,19 +326,29 @@ class GeneratorGroup:
 
     def _answering_targets(self) -> tuple[list[EngineLoad], list[dict]]:
         """The sync targets that answer a state call, and their states. An engine lost since its last chunk (its
-        host killed between a generate and this sync) is probed like one that failed a chunk and left out."""
+        host killed between a generate and this sync) is left out."""
         while True:
             targets = self._sync_targets()
-            refs = [self.workers.call_rank_async(e.rank, "state") for e in targets]
-            answered = []
-            for engine, ref in zip(targets, refs):
-                try:
-                    answered.append((engine, ray.get(ref)))
-                except RayActorError:
-                    engine.failures += 1
-                    self._start_probe(engine)
-            if len(answered) == len(targets):
-                return targets, [state for _, state in answered]
+            states = self._states_of(targets)
+            if len(states) == len(targets):
+                return targets, [states[e.rank] for e in targets]
+
+    def _states_of(self, targets: list[EngineLoad], timeout_s: float = 30.0) -> dict[int, dict]:
+        """Each target's state, by rank. One that does not answer within timeout_s (or whose actor is gone) is
+        probed like an engine that failed a chunk, so it is left out until it comes back."""
+        refs = {engine.rank: self.workers.call_rank_async(engine.rank, "state") for engine in targets}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        states = {}
+        for engine in targets:
+            try:
+                if refs[engine.rank] in ready:
+                    states[engine.rank] = ray.get(refs[engine.rank])
+                    continue
+            except RayActorError:
+                pass
+            engine.failures += 1
+            self._start_probe(engine)
+        return states
 
     def _mark_stale(self, targets: list[EngineLoad]) -> None:
         """A sync failed part-way: no engine it touched may generate until a sync succeeds."""

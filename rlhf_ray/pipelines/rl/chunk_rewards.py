@@ -27,25 +27,30 @@ class ChunkRewards:
     def __init__(self, source: RewardSource, texts_of: Callable[[Sequence[PromptRollout]], RewardBatch]) -> None:
         assert not source.reads_tokens, "a token-reading source scores the padded batch, not chunks"
         self.source, self.texts_of = source, texts_of
-        self._pending: list[tuple[list[PromptRollout], Future]] = []
+        self._pending: list[tuple[list[PromptRollout], RewardBatch, Future]] = []
+        self.texts: RewardBatch | None = None      # after result(): the whole batch's texts, in row order
 
     def submit(self, rollouts: Sequence[PromptRollout]) -> None:
         """Start scoring one chunk's finished rollouts (returns at once)."""
         rollouts = list(rollouts)
-        self._pending.append((rollouts, self.source.score_async(self.texts_of(rollouts))))
+        texts = self.texts_of(rollouts)
+        self._pending.append((rollouts, texts, self.source.score_async(texts)))
 
     def result(self, rollouts: Sequence[PromptRollout]) -> RewardResult:
         """Wait for every chunk and return the rewards of `rollouts`' samples in row order (each prompt submitted
-        exactly once), with the batch's metrics."""
+        exactly once), with the batch's metrics; `self.texts` is then the batch's texts in the same order."""
         by_prompt: dict[int, list[float]] = {}
+        texts_by_prompt: dict[int, list[tuple]] = {}
         weighted: dict[str, float] = {}
         total = 0
-        for chunk, future in self._pending:
+        for chunk, texts, future in self._pending:
             scored = future.result()
             rewards = iter(scored.rewards)
+            rows = iter(zip(texts.prompts, texts.responses, texts.gt_answers))
             for rollout in chunk:
                 assert rollout.prompt_index not in by_prompt, f"prompt {rollout.prompt_index} scored twice"
                 by_prompt[rollout.prompt_index] = [next(rewards) for _ in rollout.samples]
+                texts_by_prompt[rollout.prompt_index] = [next(rows) for _ in rollout.samples]
             count = len(scored.rewards)
             for key, value in scored.metrics.items():
                 weighted[key] = weighted.get(key, 0.0) + value * count
@@ -53,5 +58,7 @@ class ChunkRewards:
         missing = [r.prompt_index for r in rollouts if r.prompt_index not in by_prompt]
         assert not missing, f"prompts {missing[:8]} were never scored"
         rewards = [reward for rollout in rollouts for reward in by_prompt[rollout.prompt_index]]
+        ordered = [row for rollout in rollouts for row in texts_by_prompt[rollout.prompt_index]]
+        self.texts = RewardBatch(*map(list, zip(*ordered))) if ordered else RewardBatch([], [], [])
         metrics = {key: value / max(1, total) for key, value in weighted.items()}
         return RewardResult(rewards, {**metrics, **summarize_rewards(rewards)})

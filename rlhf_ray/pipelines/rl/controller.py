@@ -185,13 +185,13 @@ class RLController:
         """Stage 1c: every scorer starts before any result is awaited. Sets scores and (with `model_passes`)
         ref_logprobs, values, old_logprobs on `experience`; returns the reward metrics. `chunk_rewards`: the text
         rewards already started chunk by chunk during generation (else the whole batch is scored here)."""
-        texts = self._reward_batch(experience, rollouts, rows)
-        if chunk_rewards is None:
-            reward = self.reward_source.score_async(texts).result
-        else:
-            reward = lambda: chunk_rewards.result(rollouts)  # noqa: E731
         pending = self._start_model_passes(experience) if model_passes else {}
-        result = reward()
+        if chunk_rewards is None:
+            texts = self._reward_batch(experience, rollouts, rows)
+            result = self.reward_source.score_async(texts).result()
+        else:                                   # scored during generation: the texts come with the results
+            result = chunk_rewards.result(rollouts)
+            texts = chunk_rewards.texts
         experience.scores = torch.tensor(result.rewards, dtype=torch.float32)
         self.last_samples = first_samples(texts, result.rewards, experience.response_mask.sum(-1).tolist())
         metrics = dict(result.metrics)

@@ -157,11 +157,78 @@ def test_a_grpo_run_without_the_old_logprob_pass_reports_startup_and_peak_memory
     out = capsys.readouterr().out
     assert "note: old log-probs: from the update's own forward pass" in out
     assert "s to the first generation: Ray connect" in out and "peak RSS per process (MiB): driver" in out
+    assert "note: reference model: inside the policy's processes" in out        # colocated, sync: one process
     rows = read_jsonl_metrics(tmp_path / "log" / "metrics.jsonl")
     for row in rows:
         assert row["rollout/logprob_gap_mean"] < 1e-3                      # from the update's forward pass
         assert row["policy/ratio_max"] == pytest.approx(1.0, abs=1e-6) and row["policy/clip_frac"] == 0.0
     first, last = rows[0], rows[-1]
     assert 0 < first["startup/generators_s"] <= first["startup/groups_s"] < first["startup/to_first_generation_s"]
-    for role in ("driver", "policy", "reference", "generator"):
+    for role in ("driver", "policy", "generator"):
         assert last[f"memory/peak_rss_mib/{role}"] > 50, role
+    assert "memory/peak_rss_mib/reference" not in last                         # no reference actors
+    assert all(row["reward/kl"] > 0 for row in rows[1:])        # the reference scored, the policy moved from it
+
+
+def test_the_reference_inside_the_policy_scores_as_a_reference_worker_does_and_stays_frozen(tiny_model_dir):
+    """--reference_in_policy: the policy rank's own frozen copy gives the reference worker's log-probs exactly, and
+    is a copy: the policy's weights moving leaves it where it was."""
+    from rlhf_ray.config.sections import ModelSection, ParallelSection, TrainSection
+    from rlhf_ray.workers.rl_actor import RLWorker
+
+    kwargs = {"model": ModelSection(pretrain=str(tiny_model_dir)).model_dump(),
+              "train": TrainSection(batch_size=2).model_dump(), "parallel": ParallelSection().model_dump()}
+    policy = RLWorker(0, 1, **kwargs, loss=RLLossSettings().to_dict(), reference_in_process=True)
+    policy.build(4)
+    reference = RLWorker(0, 1, **kwargs, frozen=True)
+    reference.build(1)
+    generator = torch.Generator().manual_seed(0)
+    batch = {"sequences": torch.randint(3, 60, (3, 9), generator=generator), "attention_mask": torch.ones(3, 9),
+             "response_len": 4}
+    batch["attention_mask"][0, :2] = 0                                     # a left-padded row
+    expected = reference.compute_response_logprobs(batch, temperature=0.7)
+    assert torch.equal(policy.compute_reference_logprobs(batch, temperature=0.7), expected)
+    with torch.no_grad():
+        for param in policy.engine.unwrap().parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    assert not torch.allclose(policy.compute_response_logprobs(batch, temperature=0.7), expected, atol=1e-3)
+    assert torch.equal(policy.compute_reference_logprobs(batch, temperature=0.7), expected)
+    with pytest.raises(RuntimeError, match="holds no reference model"):
+        reference.compute_reference_logprobs(batch)
+
+
+@pytest.mark.parametrize("flags, inside", [
+    (["--colocate_all"], True),
+    (["--colocate_policy_reference"], True),
+    ([], False),                                                          # not colocated: a group of its own
+    (["--colocate_all", "--async_mode", "true"], False),                  # the policy trains while scoring runs
+    (["--colocate_all", "--ref_num_workers", "2"], False),
+    (["--colocate_all", "--reference_in_policy", "false"], False),
+    (["--reference_in_policy", "true"], True),
+    (["--colocate_all", "--kl_coef", "0"], False),                        # no reference at all
+])
+def test_auto_puts_the_reference_inside_the_policy_when_colocated_and_sync(tiny_model_dir, flags, inside):
+    from rlhf_ray.pipelines.rl.config import reference_in_policy
+    from rlhf_ray.pipelines.rl.groups import active_roles
+
+    cfg = _cfg(GRPOConfig, tiny_model_dir, *flags)
+    assert reference_in_policy(cfg) is inside
+    assert ("reference" in active_roles(cfg)) is (not inside and cfg.algorithm.kl_coef > 0)
+
+
+def test_the_controller_asks_the_policy_for_reference_logprobs_when_it_holds_the_reference(tiny_model_dir,
+                                                                                           monkeypatch):
+    from types import SimpleNamespace
+
+    import rlhf_ray.pipelines.rl.controller as controller_module
+
+    monkeypatch.setattr(controller_module.ray, "get", lambda refs: refs)
+    policy = _RecordingGroup()
+    groups = SimpleNamespace(policy=policy, reference=None, critic=None, reference_in_policy=True)
+    tokenizer = SimpleNamespace(decode=lambda ids, **_: "prompt", pad_token_id=0)
+    controller = controller_module.RLController(_cfg(GRPOConfig, tiny_model_dir, "--colocate_all"), "test", groups,
+                                                None, tokenizer, _Reward(), None, None)
+    rollouts = [PromptRollout(0, [5, 6], False, [Sample([8, 9], "7", [-0.5, -0.5], "stop")], 0, 0)]
+    experience = build_experience(rollouts, 0)
+    controller.score(experience, rollouts, [{"gt_answer": "7"}])
+    assert policy.calls == ["compute_reference_logprobs"] and experience.ref_logprobs is not None

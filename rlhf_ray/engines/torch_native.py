@@ -33,8 +33,6 @@ import torch.distributed as dist
 from torch import nn
 
 from rlhf_ray.checkpoint.hf_export import write_hf_directory, write_peft_adapter
-from rlhf_ray.checkpoint.sharded import (load_model_state, load_optimizer_state, save_model_state,
-                                         save_optimizer_state)
 from rlhf_ray.engines.base import LossFn, TrainEngine
 from rlhf_ray.engines.optim import WarmupCosineSchedule, build_optimizer
 from rlhf_ray.engines.parallelize import (all_reduce_mean_grads, apply_ddp, apply_fsdp, apply_tp, build_mesh,
@@ -231,11 +229,17 @@ class TorchNativeEngine(TrainEngine):
                            dtype=dtype, is_writer=is_writer, agree=self.agree)
 
     # ------------------------------------------------------------ checkpoints
+    # checkpoint.sharded imports torch.distributed.checkpoint (~0.7 s): only a rank that saves or loads pays it, not
+    # the driver, which imports this module to validate --plugin.
     def _save_model_and_optimizer(self, directory: Path) -> None:
+        from rlhf_ray.checkpoint.sharded import save_model_state, save_optimizer_state
+
         save_model_state(directory / "model", self.model)
         save_optimizer_state(directory / "optimizer", self.model, self.optimizer, is_writer=self.rank == 0)
 
     def _load_model_and_optimizer(self, directory: Path) -> None:
+        from rlhf_ray.checkpoint.sharded import load_model_state, load_optimizer_state
+
         load_model_state(directory / "model", self.model)
         load_optimizer_state(directory / "optimizer", self.model, self.optimizer)
 

@@ -14,6 +14,7 @@ import json
 import math
 import numbers
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -142,15 +143,25 @@ class WandbSink:
 
 
 class PlotSink:
-    """Draws the run's curves (plots.py) into <log_dir>/plots when the job ends; logs nothing while it runs."""
+    """Draws the run's curves (plots.py) into <log_dir>/plots when the job ends; logs nothing while it runs.
+    close() draws on a thread, so that a job can tear its actors and Ray down meanwhile (~1 s each); wait() joins."""
 
     def __init__(self, log_dir: str | Path):
         self.log_dir = Path(log_dir)
+        self._drawing: threading.Thread | None = None
 
     def log(self, metrics: Metrics, step: int) -> None:
         pass
 
     def close(self) -> None:
+        self._drawing = threading.Thread(target=self._draw, name="draw-plots")
+        self._drawing.start()
+
+    def wait(self) -> None:
+        if self._drawing is not None:
+            self._drawing.join()
+
+    def _draw(self) -> None:
         from rlhf_ray.telemetry.plots import plot_runs
 
         try:
@@ -185,9 +196,17 @@ class Tracker:
                 if hasattr(sink, "log_samples"):
                     sink.log_samples(samples, step)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Close every sink; wait=False leaves what a sink finishes in the background (the plots) to wait()."""
         for sink in self.sinks:
             sink.close()
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        for sink in self.sinks:
+            if hasattr(sink, "wait"):
+                sink.wait()
 
     def __enter__(self) -> "Tracker":
         return self

@@ -27,7 +27,7 @@ from rlhf_ray.buffer.replay_buffer import fetch_experience
 from rlhf_ray.rollout.weight_sync import WeightSyncSourceMixin
 from rlhf_ray.workers.rl_objectives import (RLLossSettings, actor_loss, apply_rollout_correction,
                                             compute_response_logprobs, compute_response_values, critic_loss, units_of)
-from rlhf_ray.workers.trainer import TrainerWorker
+from rlhf_ray.workers.trainer import TrainerWorker, frozen_forward
 
 # Fields of an Experience a trainer micro-batch needs, per role.
 ACTOR_FIELDS = ("sequences", "attention_mask", "response_mask", "old_logprobs", "advantages", "ref_logprobs",
@@ -40,24 +40,36 @@ class RLWorker(TrainerWorker, WeightSyncSourceMixin):
 
     def __init__(self, rank: int, world_size: int, *, model: dict, train: dict, parallel: dict,
                  loss: dict | None = None, model_kind: str = "causal_lm", frozen: bool = False,
-                 forward_batch_size: int = 16) -> None:
+                 forward_batch_size: int = 16, reference_in_process: bool = False) -> None:
         super().__init__(rank, world_size, model=model, train=train, parallel=parallel, model_kind=model_kind,
                          frozen=frozen)
         self.loss_settings = RLLossSettings(**(loss or {}))
         self.forward_batch_size = forward_batch_size
+        self.reference_in_process = reference_in_process
+        self.reference_model: torch.nn.Module | None = None
+
+    def build(self, num_training_steps: int = 1) -> dict[str, Any]:
+        """TrainerWorker's; with reference_in_process, also the frozen reference (the initial policy) in this
+        process: what a reference group would hold, without its actors, their start-up and their transfers."""
+        sizes = super().build(num_training_steps)
+        if self.reference_in_process:
+            self.reference_model = self._load_frozen()
+        return sizes
 
     # ------------------------------------------------------------ weight sync (trainer -> generators)
     def weights_for_sync(self):
         return self.engine.iter_weights()
 
     # ------------------------------------------------------------ scoring
-    def _score_in_chunks(self, batch: dict, fn: Callable) -> torch.Tensor:
+    def _score_in_chunks(self, batch: dict, fn: Callable, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """fn over micro-batches of forward_batch_size rows, with this rank's own model, or with `model` (frozen)."""
         sequences, attention_mask = batch["sequences"], batch["attention_mask"]
         outputs = []
         for start in range(0, sequences.shape[0], self.forward_batch_size):
             rows = slice(start, start + self.forward_batch_size)
             chunk = {"sequences": sequences[rows], "attention_mask": attention_mask[rows]}
-            outputs.append(self._forward(chunk, fn).float().cpu())
+            scored = self._forward(chunk, fn) if model is None else frozen_forward(model, chunk, fn)
+            outputs.append(scored.float().cpu())
         return torch.cat(outputs) if outputs else torch.zeros(0)
 
     def compute_response_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
@@ -66,6 +78,15 @@ class RLWorker(TrainerWorker, WeightSyncSourceMixin):
         response_len = int(batch["response_len"])
         return self._score_in_chunks(batch, lambda m, b: compute_response_logprobs(
             m, b["sequences"], b["attention_mask"], response_len, temperature))
+
+    def compute_reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+        """compute_response_logprobs with the reference held in this process (reference_in_process)."""
+        if self.reference_model is None:
+            raise RuntimeError(f"rank {self.rank} holds no reference model: the driver asked for reference "
+                               f"log-probs from the policy without reference_in_process (a bug)")
+        response_len = int(batch["response_len"])
+        return self._score_in_chunks(batch, lambda m, b: compute_response_logprobs(
+            m, b["sequences"], b["attention_mask"], response_len, temperature), model=self.reference_model)
 
     def compute_response_values(self, batch: dict) -> torch.Tensor:
         """batch: sequences, attention_mask (B, P + R), response_len R -> (B, R) float32 critic values."""

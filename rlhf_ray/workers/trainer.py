@@ -91,6 +91,11 @@ class TrainerWorker(RankedWorker):
                                     compute_dtype=compute)
         return load_causal_lm(self.model_cfg, dtype, for_training=for_training, compute_dtype=compute)
 
+    def _load_frozen(self) -> torch.nn.Module:
+        """An inference-only model (a frozen role's, or the reference beside the policy) on this rank's GPU when it
+        has one: no engine places it."""
+        return self._load_model(for_training=False, dtype=self._frozen_dtype()).to(_rank_device())
+
     def _frozen_dtype(self) -> torch.dtype:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.train_cfg.mixed_precision]
 
@@ -104,7 +109,7 @@ class TrainerWorker(RankedWorker):
         if self.objective_spec:
             self.objective = build_objective(self.objective_spec, self.tokenizer.pad_token_id)
         if self.frozen:
-            self.model = self._load_model(for_training=False, dtype=self._frozen_dtype())
+            self.model = self._load_frozen()
             module = self.model
         else:
             from rlhf_ray.engines.registry import build_engine
@@ -235,8 +240,7 @@ class TrainerWorker(RankedWorker):
         if self.engine is not None:
             self.engine.eval()
             return self.engine.forward(batch, lambda model, b: fn(_without_ddp(model), b))
-        with torch.no_grad():
-            return fn(self.model, batch)
+        return frozen_forward(self.model, batch, fn)
 
     def score_preference(self, rows: list[dict]) -> list[tuple[float, float]]:
         """Sequence log-probs (chosen, rejected) of each preference row: what a reference group sends to DPO."""
@@ -282,6 +286,19 @@ class TrainerWorker(RankedWorker):
         """Sum of all weights (a cheap equality probe for tests and sync checks)."""
         source = self.engine.iter_weights() if self.engine is not None else self.model.state_dict().items()
         return float(sum(t.detach().double().sum() for _, t in source))
+
+
+def _rank_device() -> torch.device:
+    # Ray hides the GPUs an actor did not reserve, so a visible one is this rank's.
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+@torch.no_grad()
+def frozen_forward(model: torch.nn.Module, batch: dict[str, Any], fn):
+    """fn(model, batch) without grad, the batch's tensors moved to the model's device first."""
+    device = next(model.parameters()).device
+    return fn(model, {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                      for key, value in batch.items()})
 
 
 def _without_ddp(model: torch.nn.Module) -> torch.nn.Module:

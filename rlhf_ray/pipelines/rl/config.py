@@ -247,6 +247,11 @@ class PlacementSection(Section):
                                                                "(time-share the same CPUs/GPUs)")
     colocate_critic_reward: bool = Field(False, description="critic and reward model share bundles")
     colocate_all: bool = Field(False, description="every role, generators included, on the same bundles")
+    reference_in_policy: bool | None = Field(
+        None, description="the frozen reference model inside the policy's processes (one copy per policy rank) "
+                          "instead of a reference group of its own: no actors to start, no batches to send; default "
+                          "(auto): on when policy and reference are colocated, sync mode, one reference worker per "
+                          "policy worker, no other pool")
     generator_pool: str | None = Field(None, description="node pool of the generator engines (pool=<name> label "
                                                          "or accelerator_type:<T>, as --pool)")
 
@@ -422,6 +427,19 @@ def old_logprobs_from_update(cfg: RLConfig) -> tuple[bool, str]:
                   "episode); no separate policy pass")
 
 
+def reference_in_policy(cfg: RLConfig) -> bool:
+    """Whether the policy's ranks hold the reference model themselves (no reference group). Auto: when the two
+    share bundles anyway and the policy is idle while experience is scored (sync mode; in async mode the policy
+    trains meanwhile, and a reference group scores beside it)."""
+    if cfg.algorithm.kl_coef == 0 or cfg.rl.simulated_trainer_step_s is not None:
+        return False                                    # no reference at all
+    if cfg.placement.reference_in_policy is not None:
+        return cfg.placement.reference_in_policy
+    placement = cfg.placement
+    return ((placement.colocate_all or placement.colocate_policy_reference) and not cfg.rl.async_mode
+            and cfg.reference.num_workers == cfg.parallel.num_workers and cfg.reference.pool in (None, cfg.parallel.pool))
+
+
 def sampler_logprobs_feed_training(cfg: RLConfig) -> str | None:
     """Why the sampler's log-probs enter the loss or the KL (the setting that makes them), or None."""
     correction = rollout_correction_settings(cfg)
@@ -536,6 +554,9 @@ def check_rl_config(cfg: RLConfig, job: str) -> list[str]:
         notes.append("--pretrain_dataset is given but --ptx_coef is 0: no ptx loss is computed")
     if algo.kl_coef == 0:
         notes.append("kl_coef is 0: no KL term and no reference group")
+    elif reference_in_policy(cfg):
+        notes.append("reference model: inside the policy's processes, a copy per rank (no reference group; "
+                     "--reference_in_policy false gives it its own)")
     if cfg.rl.async_mode and cfg.rl.old_logprobs_source == "policy" and simulated is None:
         notes.append("async mode: the policy recomputes old log-probs at the start of each update (the policy is "
                      "busy training while the next batch is scored)")

@@ -209,6 +209,9 @@ class RLController:
         if groups.reference is not None:
             pending["ref_logprobs"] = groups.reference.call_rows_async("compute_response_logprobs", batch,
                                                                        temperature=self.temperature)
+        elif groups.reference_in_policy:
+            pending["ref_logprobs"] = groups.policy.call_rows_async("compute_reference_logprobs", batch,
+                                                                    temperature=self.temperature)
         if groups.critic is not None:
             pending["values"] = groups.critic.call_rows_async("compute_response_values", batch)
         if self.old_logprobs_pass:

@@ -14,7 +14,7 @@ from typing import Any
 
 from rlhf_ray.config.base import settings_from
 from rlhf_ray.config.sections import ModelSection
-from rlhf_ray.pipelines.rl.config import old_logprobs_from_update, rollout_correction_settings
+from rlhf_ray.pipelines.rl.config import old_logprobs_from_update, reference_in_policy, rollout_correction_settings
 from rlhf_ray.pipelines.rl.roles import RolePlan
 from rlhf_ray.workers.rl_objectives import RLLossSettings
 
@@ -28,6 +28,7 @@ class RoleGroups:
     reward: Any | None = None
     placement_groups: dict[str, Any] = field(default_factory=dict)
     startup_s: dict[str, float] = field(default_factory=dict)   # startup/<part>_s: how long start_roles took
+    reference_in_policy: bool = False                           # the policy's ranks score the reference log-probs
     engines_built_beside_trainers: bool = True                  # False: the engines first, then the trainers
 
     def trainers(self) -> list[Any]:
@@ -64,8 +65,8 @@ def trainable_roles(cfg) -> list[str]:
 
 def active_roles(cfg) -> list[str]:
     roles = trainable_roles(cfg)
-    if cfg.algorithm.kl_coef > 0 and cfg.rl.simulated_trainer_step_s is None:   # simulated: the sampler's stand in
-        roles.append("reference")
+    if cfg.algorithm.kl_coef > 0 and cfg.rl.simulated_trainer_step_s is None and not reference_in_policy(cfg):
+        roles.append("reference")           # simulated: the sampler's log-probs stand in
     if cfg.reward.resolved_source() == "model":
         roles.append("reward")
     return roles + ["generator"]
@@ -123,13 +124,14 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
     train = cfg.train.model_dump()
     losses = loss_settings(cfg).to_dict()
     parallel = {role: layout.model_dump() for role, layout in plan.layouts.items()}
-    groups = RoleGroups(policy=None, generators=None, placement_groups=placement_groups)
+    groups = RoleGroups(policy=None, generators=None, placement_groups=placement_groups,
+                        reference_in_policy=reference_in_policy(cfg))
     pool, pending_generators = ThreadPoolExecutor(max_workers=1, thread_name_prefix="start-generators"), None
     try:
         if cfg.rl.simulated_trainer_step_s is None:
             groups.policy = _group(RLWorker, plan.specs["policy"], pg["policy"], "policy",
                                    {"model": cfg.model.model_dump(), "train": train, "parallel": parallel["policy"],
-                                    "loss": losses, **common})
+                                    "loss": losses, "reference_in_process": groups.reference_in_policy, **common})
         else:
             from rlhf_ray.workers.simulated_trainer import SimulatedTrainerWorker
 

@@ -113,17 +113,21 @@ def _run(cfg, job, data, tokenizer, ids, resume_from, prog, job_start) -> int:
     started = time.perf_counter()
     started_ray = connect_ray()
     startup = {"job_start": job_start, "startup/ray_connect_s": time.perf_counter() - started}
+    closing: list = []                  # the attempts' trackers, still drawing their plots while Ray shuts down
     try:
-        return run_with_restarts(lambda path: _attempt(cfg, job, data, tokenizer, ids, path, prog, startup),
+        return run_with_restarts(lambda path: _attempt(cfg, job, data, tokenizer, ids, path, prog, startup, closing),
                                  resume_from=resume_from, max_restarts=cfg.checkpoint.max_restarts, prog=prog,
                                  save_dir=checkpoint_dir(cfg.checkpoint.save_path, cfg.checkpoint.save_dir))
     finally:
         disconnect_ray(started_ray)
+        for tracker in closing:
+            tracker.wait()
 
 
-def _attempt(cfg, job, data, tokenizer, ids, resume_from, prog, startup) -> int:
+def _attempt(cfg, job, data, tokenizer, ids, resume_from, prog, startup, closing: list) -> int:
     """Plan, start every role, [resume], run the episodes, export; everything started is torn down however it ends.
-    `startup`: the job's start (perf_counter) and the seconds of its start-up parts so far.
+    `startup`: the job's start (perf_counter) and the seconds of its start-up parts so far. The tracker is closed
+    without waiting for its plots and appended to `closing`, for the caller to wait on.
     A lost trainer rank is raised as RankLostError for the restart loop (a generator engine's loss is the generator
     group's own business: it re-queues that engine's prompts)."""
     from rlhf_ray.pipelines.restart import lost_ranks_raised, train_then_export
@@ -175,7 +179,8 @@ def _attempt(cfg, job, data, tokenizer, ids, resume_from, prog, startup) -> int:
             return train_then_export(controller.run, export, prog)
     finally:
         if tracker is not None:
-            tracker.close()
+            tracker.close(wait=False)
+            closing.append(tracker)
         if controller is not None:
             controller.shutdown()
         if groups is not None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from rlhf_ray.rollout.backends import build_backend
+from rlhf_ray.rollout.backends import GenerationBackend, build_backend
 from rlhf_ray.rollout.config import GeneratorSection
 from rlhf_ray.rollout.types import PromptChunk, PromptRollout
 from rlhf_ray.workers.base import RankedWorker
@@ -22,12 +22,16 @@ class GeneratorWorker(RankedWorker):
     """One engine; rank = engine index in the generator group (no torch process group among generators)."""
 
     def __init__(self, rank: int, world_size: int, generator: dict[str, Any], model_path: str,
-                 tokenizer_dir: str | None = None, **kwargs: Any) -> None:
+                 tokenizer_dir: str | None = None,
+                 build: Callable[[GeneratorSection, int], GenerationBackend] | None = None, **kwargs: Any) -> None:
+        """build(section, engine_seed): the engine, when the caller makes it (the policy's own module,
+        workers/policy_generator.py); default: the section's backend loading model_path."""
         super().__init__(rank, world_size, **kwargs)
         self.section = GeneratorSection.model_validate(generator)
         base_seed = self.section.seed if self.section.seed is not None else random.randrange(2**30)
-        self.backend = build_backend(self.section.backend, self.section, model_path, tokenizer_dir,
-                                     engine_seed=base_seed + rank)
+        build = build or (lambda section, seed: build_backend(section.backend, section, model_path, tokenizer_dir,
+                                                              engine_seed=seed))
+        self.backend = build(self.section, base_seed + rank)
         self.policy_version = 0
         self._updating_to: int | None = None
         self._crash_on_next_generate = False
@@ -78,6 +82,14 @@ class GeneratorWorker(RankedWorker):
 
     def load_ipc_weight_bucket(self, metadata: Sequence[Sequence], handle: bytes) -> int:  # pragma: no cover
         return self.backend.load_ipc_bucket(metadata, handle)
+
+    def adopt_policy_version(self, version: int) -> int:
+        """The weights are the trainer's own tensors (a shared module): a sync only stamps the new version."""
+        if not getattr(self.backend, "shared", False):
+            raise RuntimeError(f"generator {self.rank}: adopt_policy_version on an engine with its own weights; "
+                               f"they must be sent (sync_weights_from)")
+        self.policy_version = version
+        return 0
 
     def finish_weight_update(self, version: int) -> int:
         if self._updating_to != version:

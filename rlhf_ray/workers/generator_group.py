@@ -53,23 +53,30 @@ class GeneratorGroup:
     def __init__(self, section: GeneratorSection, model_path: str, *, tokenizer_dir: str | None = None,
                  name: str = "generator", placement=None, bundle_indices: Sequence[int] | None = None,
                  gpus_per_engine: float | None = None, env_vars: dict[str, str] | None = None,
-                 ready_timeout_s: float = 600.0) -> None:
+                 ready_timeout_s: float = 600.0, workers: WorkerGroup | None = None) -> None:
+        """workers: engines that already run, inside the trainer's ranks (PolicyGeneratorWorker, whose module is
+        the policy's own): this group neither starts nor stops them, and a weight sync sends nothing."""
         self.section = section
         self.name = name
         self.ready_timeout_s = ready_timeout_s
-        if gpus_per_engine is None:
-            gpus_per_engine = float(section.tensor_parallel_size) if ray.cluster_resources().get("GPU") else 0.0
-        threads = str(section.resolved_cpu_threads())
-        spec = GroupSpec(num_workers=section.num_engines, cpus_per_worker=section.cpus_per_engine,
-                         gpus_per_worker=gpus_per_engine,
-                         env_vars={"OMP_NUM_THREADS": threads, **(env_vars or {})})
-        # Generators share no process group (setup_distributed=False): each owns a whole engine. Ray restarts a
-        # crashed one (max_restarts); calls are never retried by Ray (the group retries chunks itself).
-        self.workers = WorkerGroup(GeneratorWorker, spec, name=name, placement=placement,
-                                   bundle_indices=bundle_indices, setup_distributed=False,
-                                   max_restarts=section.max_restarts,
-                                   worker_kwargs={"generator": section.model_dump(), "model_path": str(model_path),
-                                                  "tokenizer_dir": tokenizer_dir})
+        self.shares_trainer_weights = workers is not None
+        if workers is None:
+            if gpus_per_engine is None:
+                gpus_per_engine = float(section.tensor_parallel_size) if ray.cluster_resources().get("GPU") else 0.0
+            threads = str(section.resolved_cpu_threads())
+            spec = GroupSpec(num_workers=section.num_engines, cpus_per_worker=section.cpus_per_engine,
+                             gpus_per_worker=gpus_per_engine,
+                             env_vars={"OMP_NUM_THREADS": threads, **(env_vars or {})})
+            # Generators share no process group (setup_distributed=False): each owns a whole engine. Ray restarts a
+            # crashed one (max_restarts); calls are never retried by Ray (the group retries chunks itself).
+            workers = WorkerGroup(GeneratorWorker, spec, name=name, placement=placement,
+                                  bundle_indices=bundle_indices, setup_distributed=False,
+                                  max_restarts=section.max_restarts,
+                                  worker_kwargs={"generator": section.model_dump(), "model_path": str(model_path),
+                                                 "tokenizer_dir": tokenizer_dir})
+        elif len(workers.workers) != section.num_engines:
+            raise ValueError(f"{len(workers.workers)} trainer ranks cannot be {section.num_engines} engines")
+        self.workers = workers
         self.engines = [EngineLoad(rank) for rank in range(section.num_engines)]
         self._probes: dict[int, ray.ObjectRef] = {}
         self._lock = threading.RLock()
@@ -247,6 +254,8 @@ class GeneratorGroup:
                           timeout_s: float = 300.0) -> dict[str, float]:
         """Stream the trainer group's weights (its workers mix in WeightSyncSourceMixin) into every live engine
         and stamp them with `version`. Stale engines (restarted) are brought up to date too."""
+        if self.shares_trainer_weights:
+            return self._adopt_version(version)
         with self._weight_update_turn():
             for attempt in range(len(self.engines)):
                 targets, states = self._answering_targets()
@@ -262,6 +271,15 @@ class GeneratorGroup:
                 self._mark_synced(targets, version)
                 return {**stats, "weight_sync/engines": float(len(targets))}
         raise AssertionError("unreachable")
+
+    def _adopt_version(self, version: int) -> dict[str, float]:
+        """The engines generate with the trainer's own tensors: stamp the version, send nothing."""
+        with self._weight_update_turn():
+            start, targets = time.perf_counter(), self._sync_targets()
+            ray.get([self.workers.call_rank_async(e.rank, "adopt_policy_version", version) for e in targets])
+            self._mark_synced(targets, version)
+            return {"weight_sync/bytes": 0.0, "weight_sync/seconds": time.perf_counter() - start,
+                    "weight_sync/version": float(version), "weight_sync/engines": float(len(targets))}
 
     def _send_from(self, trainer_group, targets: list[EngineLoad], states: list[dict], version: int,
                    channel: str | None, timeout_s: float) -> dict[str, float]:
@@ -286,6 +304,9 @@ class GeneratorGroup:
                      timeout_s: float = 300.0) -> dict[str, float]:
         """Stream weights held by this (driver) process to every live engine through the object store, e.g. a
         checkpoint read from disk. Same session protocol as a trainer sync; timeout_s bounds each wait."""
+        if self.shares_trainer_weights:
+            raise ValueError(f"generator group {self.name!r} generates with the trainer's own weights: load them "
+                             f"into the trainer")
         with self._weight_update_turn():
             targets = self._sync_targets()
             channel = ObjectStoreChannel()
@@ -371,5 +392,6 @@ class GeneratorGroup:
         self.workers.call_rank(rank, "inject_crash_on_next_generate")
 
     def shutdown(self) -> None:
-        self.workers.shutdown()
+        if not self.shares_trainer_weights:         # engines inside trainer ranks stop with their group
+            self.workers.shutdown()
 

@@ -252,6 +252,10 @@ class PlacementSection(Section):
                           "instead of a reference group of its own: no actors to start, no batches to send; default "
                           "(auto): on when policy and reference are colocated, sync mode, one reference worker per "
                           "policy worker, no other pool")
+    generator_in_policy: bool | None = Field(
+        None, description="the policy's rank generates with its own module (transformers backend): no generator "
+                          "actor, no weight transfer; default (auto): on for --backend hf under --colocate_all with one "
+                          "unsharded CPU policy rank and one engine, sync mode; for small models")
     generator_pool: str | None = Field(None, description="node pool of the generator engines (pool=<name> label "
                                                          "or accelerator_type:<T>, as --pool)")
 
@@ -440,6 +444,31 @@ def reference_in_policy(cfg: RLConfig) -> bool:
             and cfg.reference.num_workers == cfg.parallel.num_workers and cfg.reference.pool in (None, cfg.parallel.pool))
 
 
+def generator_in_policy_blockers(cfg: RLConfig) -> list[str]:
+    """What keeps the engine out of the policy's process (empty: it can live there)."""
+    gen, parallel = cfg.generator, cfg.parallel
+    return [reason for reason, on in (
+        (f"--backend {gen.backend} (only the transformers backend can share the policy's module)", gen.backend != "hf"),
+        ("no --colocate_all", not cfg.placement.colocate_all),
+        (f"--num_engines {gen.num_engines}", gen.num_engines != 1),
+        (f"--num_workers {parallel.num_workers} (one policy rank)", parallel.num_workers != 1),
+        (f"--plugin {parallel.plugin} (the module must be whole: ddp)", parallel.plugin != "ddp"),
+        ("--gpus_per_worker > 0 (the policy's fp32 weights; a GPU engine samples in its own dtype)",
+         parallel.gpus_per_worker > 0),
+        ("--async_mode (generation runs while the policy trains)", cfg.rl.async_mode),
+        ("--partial_rollout", gen.partial_rollout),
+        ("--simulated_trainer_step_s", cfg.rl.simulated_trainer_step_s is not None)) if on]
+
+
+def generator_in_policy(cfg: RLConfig) -> bool:
+    """Whether the policy's rank is also the generation engine (workers/policy_generator.py). Auto: wherever it can
+    be; ConfigError when asked for where it cannot."""
+    blockers = generator_in_policy_blockers(cfg)
+    if cfg.placement.generator_in_policy and blockers:
+        raise ConfigError(f"--generator_in_policy true cannot be: {'; '.join(blockers)}")
+    return not blockers if cfg.placement.generator_in_policy is None else cfg.placement.generator_in_policy
+
+
 def sampler_logprobs_feed_training(cfg: RLConfig) -> str | None:
     """Why the sampler's log-probs enter the loss or the KL (the setting that makes them), or None."""
     correction = rollout_correction_settings(cfg)
@@ -557,6 +586,9 @@ def check_rl_config(cfg: RLConfig, job: str) -> list[str]:
     elif reference_in_policy(cfg):
         notes.append("reference model: inside the policy's processes, a copy per rank (no reference group; "
                      "--reference_in_policy false gives it its own)")
+    if generator_in_policy(cfg):
+        notes.append("generation: the policy's rank samples with its own module (transformers backend); no generator "
+                     "actor, a weight sync sends nothing (--generator_in_policy false gives it its own)")
     if cfg.rl.async_mode and cfg.rl.old_logprobs_source == "policy" and simulated is None:
         notes.append("async mode: the policy recomputes old log-probs at the start of each update (the policy is "
                      "busy training while the next batch is scored)")

@@ -167,10 +167,13 @@ class RLController:
         self.startup_metrics.update({**parts, "startup/to_first_generation_s": total})
         seconds = {key.split("/")[1][:-2]: value for key, value in parts.items()}
         overlap = "in parallel" if self.groups.engines_built_beside_trainers else "one after the other"
+        parts_of_groups = (f"trainer models {seconds.get('trainers', 0):.1f} s, the policy's ranks generating too"
+                           if getattr(self.groups, "generator_in_policy", False) else
+                           f"generator engines {seconds.get('generators', 0):.1f} s and trainer models "
+                           f"{seconds.get('trainers', 0):.1f} s, {overlap}")
         print(f"[{self.job}] start-up {total:.1f} s to the first generation: Ray connect "
-              f"{seconds.get('ray_connect', 0):.1f} s, role groups {seconds.get('groups', 0):.1f} s (generator "
-              f"engines {seconds.get('generators', 0):.1f} s and trainer models {seconds.get('trainers', 0):.1f} s, "
-              f"{overlap}), the rest (config, data, tokenizer, plan, reward source) "
+              f"{seconds.get('ray_connect', 0):.1f} s, role groups {seconds.get('groups', 0):.1f} s "
+              f"({parts_of_groups}), the rest (config, data, tokenizer, plan, reward source) "
               f"{total - seconds.get('ray_connect', 0) - seconds.get('groups', 0):.1f} s", flush=True)
 
     def _report_peak_memory(self) -> dict[str, float]:

@@ -14,7 +14,8 @@ from typing import Any
 
 from rlhf_ray.config.base import settings_from
 from rlhf_ray.config.sections import ModelSection
-from rlhf_ray.pipelines.rl.config import old_logprobs_from_update, reference_in_policy, rollout_correction_settings
+from rlhf_ray.pipelines.rl.config import (generator_in_policy, old_logprobs_from_update, reference_in_policy,
+                                          rollout_correction_settings)
 from rlhf_ray.pipelines.rl.roles import RolePlan
 from rlhf_ray.workers.rl_objectives import RLLossSettings
 
@@ -29,6 +30,7 @@ class RoleGroups:
     placement_groups: dict[str, Any] = field(default_factory=dict)
     startup_s: dict[str, float] = field(default_factory=dict)   # startup/<part>_s: how long start_roles took
     reference_in_policy: bool = False                           # the policy's ranks score the reference log-probs
+    generator_in_policy: bool = False                           # ... and generate (the engines are the policy's)
     engines_built_beside_trainers: bool = True                  # False: the engines first, then the trainers
 
     def trainers(self) -> list[Any]:
@@ -41,7 +43,7 @@ class RoleGroups:
         from rlhf_ray.utils import peak_rss_mib
 
         roles = {"policy": self.policy, "critic": self.critic, "reference": self.reference, "reward": self.reward,
-                 "generator": None if self.generators is None else self.generators.workers}
+                 "generator": None if self.generators is None or self.generator_in_policy else self.generators.workers}
         pending = {role: group.call_all_async("peak_rss_mib") for role, group in roles.items() if group is not None}
 
         def answers(refs: list) -> list[float]:     # from the live processes: an engine lost with its host is gone
@@ -69,7 +71,7 @@ def active_roles(cfg) -> list[str]:
         roles.append("reference")           # simulated: the sampler's log-probs stand in
     if cfg.reward.resolved_source() == "model":
         roles.append("reward")
-    return roles + ["generator"]
+    return roles + ([] if generator_in_policy(cfg) else ["generator"])
 
 
 def loss_settings(cfg) -> RLLossSettings:
@@ -97,9 +99,14 @@ def _failed(ref) -> bool:
 
 
 def _group(worker_cls, spec, placement, name: str, kwargs: dict):
-    """Create the actors (without waiting for them); trainer groups join a process group later."""
+    """Create the actors (without waiting for them); trainer groups join a process group later. Their OpenMP
+    threads match the torch threads each rank sets (one per reserved CPU), as the generator engines' do."""
+    import dataclasses
+
     from rlhf_ray.workers.group import WorkerGroup
 
+    threads = max(1, int(kwargs.get("parallel", {}).get("cpus_per_worker", 1)))
+    spec = dataclasses.replace(spec, env_vars={**spec.env_vars, "OMP_NUM_THREADS": str(threads)})
     return WorkerGroup(worker_cls, spec, name=name, worker_kwargs=kwargs, placement=placement,
                        bundle_indices=list(range(spec.num_workers)), setup_distributed=False)
 
@@ -125,13 +132,21 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
     losses = loss_settings(cfg).to_dict()
     parallel = {role: layout.model_dump() for role, layout in plan.layouts.items()}
     groups = RoleGroups(policy=None, generators=None, placement_groups=placement_groups,
-                        reference_in_policy=reference_in_policy(cfg))
+                        reference_in_policy=reference_in_policy(cfg), generator_in_policy=generator_in_policy(cfg))
     pool, pending_generators = ThreadPoolExecutor(max_workers=1, thread_name_prefix="start-generators"), None
     try:
+        engine_role = "policy" if groups.generator_in_policy else "generator"
+        section = generator_section.model_copy(update={"cpus_per_engine": plan.specs[engine_role].cpus_per_worker})
         if cfg.rl.simulated_trainer_step_s is None:
-            groups.policy = _group(RLWorker, plan.specs["policy"], pg["policy"], "policy",
-                                   {"model": cfg.model.model_dump(), "train": train, "parallel": parallel["policy"],
-                                    "loss": losses, "reference_in_process": groups.reference_in_policy, **common})
+            policy = {"model": cfg.model.model_dump(), "train": train, "parallel": parallel["policy"],
+                      "loss": losses, "reference_in_process": groups.reference_in_policy, **common}
+            if groups.generator_in_policy:
+                from rlhf_ray.workers.policy_generator import PolicyGeneratorWorker
+
+                groups.policy = _group(PolicyGeneratorWorker, plan.specs["policy"], pg["policy"], "policy",
+                                       {**policy, "generator": section.model_dump()})
+            else:
+                groups.policy = _group(RLWorker, plan.specs["policy"], pg["policy"], "policy", policy)
         else:
             from rlhf_ray.workers.simulated_trainer import SimulatedTrainerWorker
 
@@ -152,20 +167,20 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
             groups.reward = _group(RLWorker, plan.specs["reward"], pg["reward"], "reward",
                                    {"model": rm_model.model_dump(), "train": train, "parallel": parallel["reward"],
                                     "model_kind": "value", "frozen": True, **common})
-        spec = plan.specs["generator"]
-        section = generator_section.model_copy(update={"cpus_per_engine": spec.cpus_per_worker})
+        spec = plan.specs[engine_role]
 
         def start_generators() -> Any:
             started = time.perf_counter()
             generators = GeneratorGroup(section, cfg.model.pretrain, tokenizer_dir=cfg.model.resolved_tokenizer_dir(),
-                                        placement=pg["generator"], bundle_indices=list(range(spec.num_workers)),
-                                        gpus_per_engine=spec.gpus_per_worker)
+                                        placement=pg[engine_role], bundle_indices=list(range(spec.num_workers)),
+                                        gpus_per_engine=spec.gpus_per_worker,
+                                        workers=groups.policy if groups.generator_in_policy else None)
             groups.startup_s["startup/generators_s"] = time.perf_counter() - started
             return generators
 
         if cfg.placement.colocate_all and spec.gpus_per_worker > 0:     # GPU memory profiling: engines first
             groups.generators, groups.engines_built_beside_trainers = start_generators(), False
-        else:
+        elif not groups.generator_in_policy:                            # else: once the policy is built
             pending_generators = pool.submit(start_generators)
         started = time.perf_counter()
         for group in groups.trainers():
@@ -178,6 +193,8 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
         groups.startup_s["startup/trainers_s"] = time.perf_counter() - started
         if pending_generators is not None:
             groups.generators = pending_generators.result()
+        elif groups.generators is None:
+            groups.generators = start_generators()
     except BaseException:
         if pending_generators is not None:          # shut down what the thread started, once it is done
             try:

@@ -29,16 +29,23 @@ class HFBackend(GenerationBackend):
     name = "hf"
 
     def __init__(self, section: GeneratorSection, model_path: str, tokenizer_dir: str | None,
-                 engine_seed: int) -> None:
+                 engine_seed: int, model: torch.nn.Module | None = None) -> None:
+        """model: a module to generate with instead of loading one (the policy's own, when the engine lives in the
+        policy's process: weight updates then need no transfer, see workers/policy_generator.py)."""
         super().__init__(section, model_path, tokenizer_dir, engine_seed)
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            torch.set_num_threads(section.resolved_cpu_threads())
-        dtype = section.dtype if section.dtype != "auto" else ("float32" if self.device.type == "cpu" else "bfloat16")
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
-        self.model.eval()
+        self.shared = model is not None
+        if self.shared:
+            self.model, self.device = model, next(model.parameters()).device
+        else:
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            if self.device.type == "cpu":
+                torch.set_num_threads(section.resolved_cpu_threads())
+            dtype = section.dtype if section.dtype != "auto" else ("float32" if self.device.type == "cpu"
+                                                                   else "bfloat16")
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
+            self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         checkpoint_config = self.model.generation_config
@@ -46,8 +53,9 @@ class HFBackend(GenerationBackend):
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         # Sample with the project's settings only. generate() fills every field our config leaves unset from the
         # model's generation_config (a checkpoint's generation_config.json: repetition_penalty 1.05 in
-        # Qwen2.5-Instruct, no_repeat_ngram_size, min_p ...), which the trainer's log-probs never reproduce.
-        self.model.generation_config = GenerationConfig(bos_token_id=checkpoint_config.bos_token_id,
+        # Qwen2.5-Instruct, no_repeat_ngram_size, min_p ...), which the trainer's log-probs never reproduce. It is
+        # swapped in for each call only: a shared module keeps its own, which its export writes.
+        self._bare_generation_config = GenerationConfig(bos_token_id=checkpoint_config.bos_token_id,
                                                         eos_token_id=eos)
         self.max_model_len = section.resolved_max_model_len()
         self.receiver = WeightReceiver()
@@ -75,9 +83,9 @@ class HFBackend(GenerationBackend):
         # One GenerationConfig carries every setting (passing a config plus loose generation kwargs is deprecated in
         # transformers 5). Unset (None) fields fall back to transformers' defaults (the checkpoint's were dropped
         # at load), so "off" is spelled out: top_k 0, eos_token_id [] (ignore_eos).
-        config = GenerationConfig(max_new_tokens=sampling["max_new_tokens"], do_sample=not greedy,
+        config = GenerationConfig(max_new_tokens=sampling["max_new_tokens"], do_sample=not greedy, use_cache=True,
                                   num_return_sequences=n, pad_token_id=self.pad_id, eos_token_id=stop_ids,
-                                  bos_token_id=self.model.generation_config.bos_token_id,
+                                  bos_token_id=self._bare_generation_config.bos_token_id,
                                   return_dict_in_generate=True,
                                   output_scores=self.section.logprobs_mode == "processed",
                                   output_logits=self.section.logprobs_mode == "raw",
@@ -85,8 +93,15 @@ class HFBackend(GenerationBackend):
                                   top_k=max(0, sampling["top_k"]),  # 0 disables; None would fall back to 50
                                   stop_strings=list(sampling["stop"]) or None)
         extra = {"tokenizer": self.tokenizer} if sampling["stop"] else {}
-        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                  generation_config=config, **extra)
+        own_config, was_training = self.model.generation_config, self.model.training
+        self.model.generation_config = self._bare_generation_config
+        self.model.eval()                               # a shared policy module is in training mode between steps
+        try:
+            out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                                      generation_config=config, **extra)
+        finally:
+            self.model.generation_config = own_config
+            self.model.train(was_training)
         steps = out.scores if self.section.logprobs_mode == "processed" else out.logits
         generated = out.sequences[:, width:]                                        # (batch * n, new_len)
         step_logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in steps], dim=1)

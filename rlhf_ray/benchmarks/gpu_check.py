@@ -11,6 +11,8 @@ group that a WorkerGroup rank would build (engines/collectives.py: "cpu:gloo,cud
                           each world-2 layout matches it (rtol 1e-3); fsdp_cpu reduces CPU-offloaded gradients
     bf16 vs fp32          the ddp engine's bf16 losses within 5e-2 of its fp32 losses (one rank)
     zero2, zero2_cpu, gemini  ColossalAI plugins (when colossalai imports), world 1 and 2: finite, falling losses
+    frozen models         in this process, last: a frozen rank's model is on the GPU, takes CPU batches and scores
+                          as the untrained policy does (within 1e-4)
 
 It prints one table (row, result) and exits 1 when any row failed. On a machine without CUDA every row reads
 "skipped: no CUDA" and it exits 0 (tests/test_gpu_correctness.py checks that).
@@ -181,6 +183,9 @@ def build_rows(gpus: int, colossal: bool, model_dir: str, timeout_s: float) -> l
             raise AssertionError(f"bf16 losses {_losses(got)} vs fp32 {_losses(want)} (atol 5e-2)")
         return f"bf16 {_losses(got)} / fp32 {_losses(want)}"
 
+    def frozen_models_on_the_gpu() -> str:
+        return check_frozen_models(model_dir)
+
     rows: list[tuple[str, Callable[[], str], int, bool]] = [
         ("collectives world 1", collectives(1), 1, False),
         ("collectives world 2", collectives(2), 2, False),
@@ -192,8 +197,41 @@ def build_rows(gpus: int, colossal: bool, model_dir: str, timeout_s: float) -> l
         ("bf16 vs fp32 (ddp world 1)", bf16_near_fp32, 1, False),
     ] + [(f"{plugin} world {world}", trains(plugin, world, precision="bf16"), world, True)
          for plugin in ("zero2", "zero2_cpu", "gemini") for world in (1, 2)]
+    rows.append(("frozen models on the GPU", frozen_models_on_the_gpu, 1, False))   # last: CUDA in this process
     return [(name, _gate(thunk, needs, gpus, needs_colossal and not colossal)) for name, thunk, needs, needs_colossal
             in rows]
+
+
+def check_frozen_models(model_dir: str) -> str:
+    """In this process: a frozen rank's model (a reference or reward rank, and the reference a policy rank holds with
+    --reference_in_policy, which loads the same way) sits on the rank's device, the GPU when one is visible (no
+    engine places it), takes CPU batches, and scores as the untrained policy does. TrainerWorker, not RLWorker: the
+    RL actor imports Ray, which a GPU check machine may not have."""
+    from rlhf_ray.config.sections import ModelSection, ParallelSection, TrainSection
+    from rlhf_ray.workers.rl_objectives import compute_response_logprobs
+    from rlhf_ray.workers.trainer import TrainerWorker, frozen_forward
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs = {"model": ModelSection(pretrain=model_dir).model_dump(), "train": TrainSection(batch_size=2).model_dump(),
+              "parallel": ParallelSection(gpus_per_worker=1 if expected == "cuda" else 0).model_dump()}
+    policy = TrainerWorker(0, 1, **kwargs)
+    policy.build(1)
+    frozen = TrainerWorker(0, 1, **kwargs, frozen=True)
+    frozen.build(1)
+    device = next(frozen.model.parameters()).device.type
+    if device != expected:
+        raise AssertionError(f"the frozen model is on {device}, expected {expected}")
+    generator = torch.Generator().manual_seed(0)
+    batch = {"sequences": torch.randint(3, 60, (4, 12), generator=generator),
+             "attention_mask": torch.ones(4, 12, dtype=torch.long)}            # on the CPU, as the driver sends it
+
+    def score(model, chunk):
+        return compute_response_logprobs(model, chunk["sequences"], chunk["attention_mask"], 5, 1.0).float().cpu()
+
+    gap = (frozen_forward(frozen.model, batch, score) - policy._forward(batch, score).float().cpu()).abs().max().item()
+    if not gap <= 1e-4:
+        raise AssertionError(f"frozen log-probs differ from the untrained policy's by {gap:.2e} (> 1e-4)")
+    return f"on {expected}; log-prob gap to the policy {gap:.1e}"
 
 
 def _gate(thunk: Callable[[], str], needs: int, gpus: int, no_colossal: bool) -> Callable[[], str]:

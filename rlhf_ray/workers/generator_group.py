@@ -255,7 +255,7 @@ class GeneratorGroup:
         """Stream the trainer group's weights (its workers mix in WeightSyncSourceMixin) into every live engine
         and stamp them with `version`. Stale engines (restarted) are brought up to date too."""
         if self.shares_trainer_weights:
-            return self._adopt_version(version)
+            return self._adopt_version(version, timeout_s)
         with self._weight_update_turn():
             for attempt in range(len(self.engines)):
                 targets, states = self._answering_targets()
@@ -272,11 +272,12 @@ class GeneratorGroup:
                 return {**stats, "weight_sync/engines": float(len(targets))}
         raise AssertionError("unreachable")
 
-    def _adopt_version(self, version: int) -> dict[str, float]:
+    def _adopt_version(self, version: int, timeout_s: float) -> dict[str, float]:
         """The engines generate with the trainer's own tensors: stamp the version, send nothing."""
         with self._weight_update_turn():
             start, targets = time.perf_counter(), self._sync_targets()
-            ray.get([self.workers.call_rank_async(e.rank, "adopt_policy_version", version) for e in targets])
+            ray.get([self.workers.call_rank_async(e.rank, "adopt_policy_version", version) for e in targets],
+                    timeout=timeout_s)
             self._mark_synced(targets, version)
             return {"weight_sync/bytes": 0.0, "weight_sync/seconds": time.perf_counter() - start,
                     "weight_sync/version": float(version), "weight_sync/engines": float(len(targets))}

@@ -85,7 +85,7 @@ class GeneratorWorker(RankedWorker):
 
     def adopt_policy_version(self, version: int) -> int:
         """The weights are the trainer's own tensors (a shared module): a sync only stamps the new version."""
-        if not getattr(self.backend, "shared", False):
+        if not self.backend.shared:
             raise RuntimeError(f"generator {self.rank}: adopt_policy_version on an engine with its own weights; "
                                f"they must be sent (sync_weights_from)")
         self.policy_version = version

@@ -75,18 +75,20 @@ class RLWorker(TrainerWorker, WeightSyncSourceMixin):
     def compute_response_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
         """batch: sequences, attention_mask (B, P + R), response_len R -> (B, R) float32 log-probs."""
         self._require_kind("causal_lm", "compute_response_logprobs")
-        response_len = int(batch["response_len"])
-        return self._score_in_chunks(batch, lambda m, b: compute_response_logprobs(
-            m, b["sequences"], b["attention_mask"], response_len, temperature))
+        return self._response_logprobs(batch, temperature)
 
     def compute_reference_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
         """compute_response_logprobs with the reference held in this process (reference_in_process)."""
         if self.reference_model is None:
             raise RuntimeError(f"rank {self.rank} holds no reference model: the driver asked for reference "
                                f"log-probs from the policy without reference_in_process (a bug)")
+        return self._response_logprobs(batch, temperature, self.reference_model)
+
+    def _response_logprobs(self, batch: dict, temperature: float, model: torch.nn.Module | None = None
+                           ) -> torch.Tensor:
         response_len = int(batch["response_len"])
         return self._score_in_chunks(batch, lambda m, b: compute_response_logprobs(
-            m, b["sequences"], b["attention_mask"], response_len, temperature), model=self.reference_model)
+            m, b["sequences"], b["attention_mask"], response_len, temperature), model=model)
 
     def compute_response_values(self, batch: dict) -> torch.Tensor:
         """batch: sequences, attention_mask (B, P + R), response_len R -> (B, R) float32 critic values."""

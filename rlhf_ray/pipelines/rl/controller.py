@@ -168,7 +168,7 @@ class RLController:
         seconds = {key.split("/")[1][:-2]: value for key, value in parts.items()}
         overlap = "in parallel" if self.groups.engines_built_beside_trainers else "one after the other"
         parts_of_groups = (f"trainer models {seconds.get('trainers', 0):.1f} s, the policy's ranks generating too"
-                           if getattr(self.groups, "generator_in_policy", False) else
+                           if self.groups.generator_in_policy else
                            f"generator engines {seconds.get('generators', 0):.1f} s and trainer models "
                            f"{seconds.get('trainers', 0):.1f} s, {overlap}")
         print(f"[{self.job}] start-up {total:.1f} s to the first generation: Ray connect "

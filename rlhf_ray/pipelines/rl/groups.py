@@ -136,7 +136,8 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
     pool, pending_generators = ThreadPoolExecutor(max_workers=1, thread_name_prefix="start-generators"), None
     try:
         engine_role = "policy" if groups.generator_in_policy else "generator"
-        section = generator_section.model_copy(update={"cpus_per_engine": plan.specs[engine_role].cpus_per_worker})
+        spec = plan.specs[engine_role]
+        section = generator_section.model_copy(update={"cpus_per_engine": spec.cpus_per_worker})
         if cfg.rl.simulated_trainer_step_s is None:
             policy = {"model": cfg.model.model_dump(), "train": train, "parallel": parallel["policy"],
                       "loss": losses, "reference_in_process": groups.reference_in_policy, **common}
@@ -167,7 +168,6 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
             groups.reward = _group(RLWorker, plan.specs["reward"], pg["reward"], "reward",
                                    {"model": rm_model.model_dump(), "train": train, "parallel": parallel["reward"],
                                     "model_kind": "value", "frozen": True, **common})
-        spec = plan.specs[engine_role]
 
         def start_generators() -> Any:
             started = time.perf_counter()

@@ -65,6 +65,8 @@ class GenerationBackend(ABC):
     """One engine. Not thread-safe: the owning actor runs one call at a time."""
 
     name: str = ""
+    #: True when it generates with a trainer's own module (its weights arrive without a transfer)
+    shared: bool = False
     #: longest prompt + response the engine accepts
     max_model_len: int
 

@@ -36,11 +36,12 @@ def ray_cluster():
     """One real local Ray cluster for the whole session (address='local' never joins a stranger's cluster)."""
     import ray
 
+    from rlhf_ray.placement.cluster import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=int(os.environ.get("RLHF_RAY_TEST_CPUS", "8")),
-                 include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                                           "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}})
+        start_local_ray(num_cpus=int(os.environ.get("RLHF_RAY_TEST_CPUS", "8")), log_to_driver=False,
+                        env_vars={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                                  "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"})
     yield ray
     ray.shutdown()
 

@@ -36,11 +36,11 @@ def test_gpu_only_plugin_is_refused_before_ray_starts(job, plugin, alternative, 
 def test_the_critic_is_checked_against_its_own_gpus(monkeypatch):
     """PPO's critic shares the policy's --plugin but reserves --critic_gpus_per_worker: checked too, named so."""
     from rlhf_ray.config.base import ConfigError, parse_config
-    from rlhf_ray.engines import colossal
+    from rlhf_ray.engines import plugins
     from rlhf_ray.pipelines.rl.config import PPOConfig
     from rlhf_ray.pipelines.rl.run import _check_engines
 
-    monkeypatch.setattr(colossal, "colossalai_installed", lambda: True)     # absent here; the GPU rule is tested
+    monkeypatch.setattr(plugins, "colossalai_installed", lambda: True)     # absent here; the GPU rule is tested
     argv = ["--plugin", "zero2", "--gpus_per_worker", "1"]
     with pytest.raises(ConfigError, match=r"^the critic: --plugin zero2 .* and --critic_gpus_per_worker is 0\. "
                                           r"Use the torch-native --plugin fsdp instead"):

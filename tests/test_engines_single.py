@@ -11,7 +11,7 @@ from engines_harness import ACCUMULATION, lm_loss, make_data, make_engine, run_s
 
 from rlhf_ray.config.base import ConfigError
 from rlhf_ray.config.sections import ModelSection, ParallelSection, TrainSection
-from rlhf_ray.engines import colossal
+from rlhf_ray.engines import plugins
 from rlhf_ray.engines.optim import no_decay, parameter_groups, warmup_cosine_factor
 from rlhf_ray.engines.precision import DynamicLossScaler
 from rlhf_ray.engines.registry import build_engine, known_engines, register_engine, validate_engine_config
@@ -47,14 +47,14 @@ def test_gpu_only_colossal_plugins_refuse_on_cpu_naming_the_alternative(tiny_mod
 def test_gemini_refuses_accumulation_when_it_could_run(monkeypatch):
     # colossalai is mocked as installed (it is not on this CPU machine) and the rank is told it sees CUDA: only the
     # rule is under test.
-    monkeypatch.setattr(colossal, "colossalai_installed", lambda: True)
+    monkeypatch.setattr(plugins, "colossalai_installed", lambda: True)
     parallel = ParallelSection(plugin="gemini", gpus_per_worker=1)
     with pytest.raises(ValueError, match=r"--plugin gemini does not support gradient accumulation \(got "
                                          r"--accumulation_steps 4\)"):
-        colossal.check_plugin_usable("gemini", parallel, TrainSection(accumulation_steps=4), cuda_visible=True)
-    colossal.check_plugin_usable("gemini", parallel, TrainSection(accumulation_steps=1), cuda_visible=True)
+        plugins.check_plugin_usable("gemini", parallel, TrainSection(accumulation_steps=4), cuda_visible=True)
+    plugins.check_plugin_usable("gemini", parallel, TrainSection(accumulation_steps=1), cuda_visible=True)
     with pytest.raises(ValueError, match="no CUDA device is visible"):
-        colossal.check_plugin_usable("gemini", parallel, TrainSection(accumulation_steps=1), cuda_visible=False)
+        plugins.check_plugin_usable("gemini", parallel, TrainSection(accumulation_steps=1), cuda_visible=False)
 
 
 @pytest.mark.parametrize("plugin, alternative", [("zero2", "fsdp"), ("zero2_cpu", "fsdp_cpu"), ("gemini", "fsdp"),
@@ -62,7 +62,7 @@ def test_gemini_refuses_accumulation_when_it_could_run(monkeypatch):
 def test_the_driver_refuses_gpu_only_plugins_without_gpus(monkeypatch, plugin, alternative):
     """What the jobs run before Ray starts: with --gpus_per_worker 0 no rank can get a GPU, wherever the driver
     runs; with GPUs reserved the driver accepts (the ranks check that CUDA is visible)."""
-    monkeypatch.setattr(colossal, "colossalai_installed", lambda: True)
+    monkeypatch.setattr(plugins, "colossalai_installed", lambda: True)
     with pytest.raises(ConfigError) as info:
         validate_engine_config(ParallelSection(plugin=plugin), TrainSection())
     assert f"--plugin {plugin} is ColossalAI's" in str(info.value) and "--gpus_per_worker is 0" in str(info.value)
@@ -76,10 +76,10 @@ def test_settings_are_checked_on_the_driver_without_building_anything(monkeypatc
         validate_engine_config(ParallelSection(plugin="deepspeed"), TrainSection())
     with pytest.raises(ConfigError, match=r"--plugin tp needs --tp 2 or more"):
         validate_engine_config(ParallelSection(plugin="tp", num_workers=2), TrainSection())
-    monkeypatch.setattr(colossal, "colossalai_installed", lambda: False)
+    monkeypatch.setattr(plugins, "colossalai_installed", lambda: False)
     with pytest.raises(ConfigError, match=r"--plugin colossal_ddp .* colossalai is not installed"):
         validate_engine_config(ParallelSection(plugin="colossal_ddp"), TrainSection())
-    monkeypatch.setattr(colossal, "colossalai_installed", lambda: True)
+    monkeypatch.setattr(plugins, "colossalai_installed", lambda: True)
     gpus = {"gpus_per_worker": 1}
     with pytest.raises(ConfigError, match=r"--plugin gemini_auto does not support gradient accumulation"):
         validate_engine_config(ParallelSection(plugin="gemini_auto", **gpus), TrainSection(accumulation_steps=2))

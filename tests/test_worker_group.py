@@ -32,6 +32,14 @@ class SumWorker(RankedWorker):
     def rows_seen(self):
         return getattr(self, "last_rows", None)
 
+    def environ(self, key):
+        import os
+
+        return os.environ.get(key)
+
+    def runtime_env(self):
+        return ray.get_runtime_context().runtime_env
+
 
 @pytest.fixture(scope="module")
 def tp_group(ray_cluster):
@@ -100,3 +108,22 @@ def test_bad_layout_prints_the_equation():
 def test_unsatisfiable_group_names_the_numbers(ray_cluster):
     with pytest.raises(RuntimeError, match="could not reserve"):
         WorkerGroup(SumWorker, GroupSpec(num_workers=1, cpus_per_worker=1000), name="huge")
+
+
+def test_workers_inherit_the_clusters_environment_and_a_group_adds_its_own(tp_group):
+    """conftest starts the cluster with start_local_ray: every worker gets its variables from the raylet (no
+    runtime_env), while the test process's own environment is left as it was; a group's env_vars reach only it."""
+    import os
+    from pathlib import Path
+
+    tests_dir = str(Path(__file__).resolve().parent)
+    assert tests_dir in tp_group.call_rank(0, "environ", "PYTHONPATH").split(os.pathsep)
+    assert tests_dir not in (os.environ.get("PYTHONPATH") or "").split(os.pathsep)
+    assert tp_group.call_rank(0, "environ", "RLHF_RAY_PROBE") is None
+    assert not tp_group.call_rank(0, "runtime_env"), "no runtime_env: a worker starts without Ray's setup script"
+    probe = WorkerGroup(SumWorker, GroupSpec(num_workers=1, cpus_per_worker=0.25, env_vars={"RLHF_RAY_PROBE": "1"}),
+                        name="probe")
+    try:
+        assert probe.call_rank(0, "environ", "RLHF_RAY_PROBE") == "1"
+    finally:
+        probe.shutdown()

@@ -23,7 +23,6 @@ The zero2/gemini code paths need CUDA and are not exercised on the CPU-only CI.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import math
 from pathlib import Path
@@ -39,59 +38,11 @@ from rlhf_ray.checkpoint.sharded import (load_model_state, load_optimizer_state,
 from rlhf_ray.engines.base import LossFn, TrainEngine
 from rlhf_ray.engines.optim import WarmupCosineSchedule, build_optimizer, parameter_groups
 from rlhf_ray.engines.precision import DynamicLossScaler, autocast_context
+from rlhf_ray.engines.plugins import PLUGINS, check_plugin_usable, colossal_description
 from rlhf_ray.engines.registry import register_engine
 from rlhf_ray.engines.weights import iter_full_weights, scale_grads_
 
 log = logging.getLogger(__name__)
-
-#: name -> (ColossalAI class, what it shards, torch-native alternative, needs CUDA)
-PLUGINS = {
-    "colossal_ddp": ("TorchDDPPlugin", "nothing (replicated, like DDP)", "ddp", False),
-    "zero2": ("LowLevelZeroPlugin(stage=2)", "gradients and optimizer state", "fsdp", True),
-    "zero2_cpu": ("LowLevelZeroPlugin(stage=2, cpu_offload=True)", "gradients and optimizer state, offloaded",
-                  "fsdp_cpu", True),
-    "gemini": ("GeminiPlugin(placement_policy='static')", "weights, gradients and optimizer state", "fsdp", True),
-    "gemini_auto": ("GeminiPlugin(placement_policy='auto')", "weights, gradients and optimizer state, offloaded",
-                    "fsdp_cpu", True),
-}
-INSTALL_HINT = "pip install -e '.[colossalai]' && pip install --no-deps colossalai==0.5.0"
-
-
-def colossalai_installed() -> bool:
-    return importlib.util.find_spec("colossalai") is not None
-
-
-def check_plugin_config(name: str, parallel, train) -> None:
-    """Settings this ColossalAI plugin cannot take, whatever the devices."""
-    if name.startswith("gemini") and train.accumulation_steps > 1:
-        raise ValueError(f"--plugin {name} does not support gradient accumulation (got --accumulation_steps "
-                         f"{train.accumulation_steps}); set --accumulation_steps 1, or use --plugin zero2 or fsdp")
-    if parallel.tp > 1:
-        raise ValueError(f"--plugin {name} with --tp {parallel.tp}: tensor parallelism is served by the "
-                         f"torch-native backends; use --plugin 3d or --plugin fsdp --tp {parallel.tp}")
-
-
-def check_plugin_usable(name: str, parallel, train, cuda_visible: bool | None = None) -> None:
-    """One ValueError naming every reason this ColossalAI plugin cannot run, and the torch-native fix; then the
-    settings check.
-
-    cuda_visible: whether this process sees a CUDA device; a rank passes torch.cuda.is_available(). The driver
-    passes None: it may run on a node without GPUs while the ranks have them, so it checks only what the flags
-    say (--gpus_per_worker), and does so before Ray starts (registry.validate_engine_config).
-    """
-    cls, shards, alternative, needs_cuda = PLUGINS[name]
-    reasons = []
-    if not colossalai_installed():
-        reasons.append(f"colossalai is not installed ({INSTALL_HINT})")
-    if needs_cuda and (parallel.gpus_per_worker == 0 or cuda_visible is False):
-        why = "--gpus_per_worker is 0" if parallel.gpus_per_worker == 0 else "no CUDA device is visible"
-        reasons.append(f"it needs CUDA GPUs (ColossalAI refuses a CPU accelerator for it) and {why}")
-    if reasons:
-        raise ValueError(f"--plugin {name} is ColossalAI's {cls}, sharding {shards}; it cannot run here: "
-                         f"{'; '.join(reasons)}. Use the torch-native --plugin {alternative} instead "
-                         f"(runs on CPU and GPU; see docs/engines.md).")
-    check_plugin_config(name, parallel, train)
-
 
 def _ensure_process_group(device: torch.device) -> None:
     """ColossalAI's coordinator needs torch.distributed; a single process gets a 1-rank group."""
@@ -231,6 +182,5 @@ def _build(name, parallel, train, model_factory, num_training_steps, model_cfg=N
     return ColossalEngine(name, parallel, train, model_factory, num_training_steps, model_cfg)
 
 
-for _name, (_cls, _shards, _alt, _cuda) in PLUGINS.items():
-    register_engine(_name, doc=f"ColossalAI {_cls}{' (CUDA only)' if _cuda else ''}; CPU alternative: {_alt}",
-                    validate=check_plugin_usable)(_build)
+for _name in PLUGINS:
+    register_engine(_name, doc=colossal_description(_name), validate=check_plugin_usable)(_build)

@@ -17,6 +17,7 @@ from typing import Callable
 from torch import nn
 
 from rlhf_ray.config.base import ConfigError
+from rlhf_ray.engines import plugins
 from rlhf_ray.engines.base import TrainEngine
 
 EngineFactory = Callable[..., TrainEngine]
@@ -70,10 +71,14 @@ def get_engine_factory(name: str) -> EngineFactory:
 def validate_engine_config(parallel, train) -> None:
     """Refuse an unknown --plugin, or settings its backend cannot take (a GPU-only plugin with --gpus_per_worker 0
     included), with a ConfigError: the jobs call it on the driver before Ray starts. Whether CUDA is visible is
-    checked again on the ranks, which may run on other nodes than the driver."""
+    checked again on the ranks, which may run on other nodes than the driver. A built-in name is checked from
+    plugins.py without importing its backend."""
     try:
-        get_engine_factory(parallel.plugin)
-        validate = _VALIDATORS.get(parallel.plugin)
+        if parallel.plugin in plugins.BUILTIN:
+            validate = plugins.VALIDATORS.get(parallel.plugin)
+        else:
+            get_engine_factory(parallel.plugin)
+            validate = _VALIDATORS.get(parallel.plugin)
         if validate is not None:
             validate(parallel.plugin, parallel, train)
     except ValueError as exc:

@@ -38,6 +38,7 @@ from rlhf_ray.engines.optim import WarmupCosineSchedule, build_optimizer
 from rlhf_ray.engines.parallelize import (all_reduce_mean_grads, apply_ddp, apply_fsdp, apply_tp, build_mesh,
                                           materialize_from_checkpoint)
 from rlhf_ray.engines.precision import AUTOCAST_DTYPES, DynamicLossScaler, autocast_context
+from rlhf_ray.engines.plugins import TORCH_NATIVE, validate_tp
 from rlhf_ray.engines.registry import register_engine
 from rlhf_ray.engines.weights import global_grad_norm, iter_full_weights, iter_lora_weights, scale_grads_
 from rlhf_ray.models.lora import build_lora_config, has_lora
@@ -264,19 +265,13 @@ def _factory(layout_fn: Callable[[Any], Layout], validate: Callable | None = Non
     return build
 
 
-def _validate_tp(name, parallel, train) -> None:
-    if parallel.tp < 2:
-        raise ValueError(f"--plugin tp needs --tp 2 or more (got --tp {parallel.tp}); with --num_workers "
-                         f"{parallel.num_workers}, --tp {parallel.num_workers} puts every rank in one TP group")
-
-
-register_engine("ddp", doc="DistributedDataParallel; with --tp N, DTensor TP + replicated data parallelism")(
-    _factory(lambda p: Layout("ddp", tp=p.tp)))
-register_engine("fsdp", doc="FSDP2 fully_shard (ZeRO-3-like); with --tp N, FSDP2 + TP on a 2-D mesh")(
-    _factory(lambda p: Layout("fsdp", tp=p.tp)))
-register_engine("fsdp_cpu", doc="FSDP2 with CPU offload of sharded parameters, gradients and optimizer state")(
-    _factory(lambda p: Layout("fsdp", tp=p.tp, cpu_offload=True)))
-register_engine("tp", doc="DTensor tensor parallelism (Llama plan); dp groups average gradients",
-                validate=_validate_tp)(_factory(lambda p: Layout("ddp", tp=p.tp), _validate_tp))
-register_engine("3d", doc="ColossalAI HybridParallelPlugin's name, served by torch-native FSDP2 + TP")(
-    _factory(lambda p: Layout("fsdp", tp=p.tp)))
+_LAYOUTS: dict[str, Callable[[Any], Layout]] = {
+    "ddp": lambda p: Layout("ddp", tp=p.tp),
+    "fsdp": lambda p: Layout("fsdp", tp=p.tp),
+    "fsdp_cpu": lambda p: Layout("fsdp", tp=p.tp, cpu_offload=True),
+    "tp": lambda p: Layout("ddp", tp=p.tp),
+    "3d": lambda p: Layout("fsdp", tp=p.tp),
+}
+for _name, _layout in _LAYOUTS.items():
+    _validate = validate_tp if _name == "tp" else None
+    register_engine(_name, doc=TORCH_NATIVE[_name], validate=_validate)(_factory(_layout, _validate))

@@ -91,11 +91,11 @@ class PrepareConfig(JobConfig):
 
 
 def load_tokenizer(tokenizer_dir: str):
-    from transformers import AutoTokenizer
+    from rlhf_ray.data.tokenizer_loader import load_tokenizer as load
 
     if not Path(tokenizer_dir).is_dir():
         raise ValueError(f"--tokenizer_dir {tokenizer_dir}: no such directory (give a HF tokenizer or model directory)")
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+    return load(tokenizer_dir)
 
 
 def resolve_template(config: PrepareConfig, tokenizer):

@@ -33,9 +33,30 @@ def connect_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = N
     # Actors must import rlhf_ray even when it is run from a checkout that is not pip-installed.
     repo_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": env})
+    start_local_ray(num_cpus=num_cpus, env_vars=env, log_to_driver=True)
     return True
+
+
+def start_local_ray(num_cpus: int | None, env_vars: dict[str, str], log_to_driver: bool):
+    """Start a private local cluster whose every worker has `env_vars` in its environment.
+
+    The workers inherit the variables from the raylet, which inherits them from this process while `ray.init`
+    starts it; this process's own environment is restored afterwards. Not a runtime_env: with one, Ray starts each
+    worker through its runtime-env setup script, which imports Ray a second time (~1.2 s of CPU per actor here) and
+    waits on the runtime-env agent.
+    """
+    import ray
+
+    saved = {key: os.environ.get(key) for key in env_vars}
+    os.environ.update(env_vars)
+    try:
+        return ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def disconnect_ray(started: bool) -> None:

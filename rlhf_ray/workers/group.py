@@ -50,7 +50,9 @@ class WorkerGroup:
         if len(indices) != spec.num_workers:
             raise ValueError(f"group {name!r}: {len(indices)} bundle indices for {spec.num_workers} workers")
         remote_cls = ray.remote(worker_cls)
-        env = {"RLHF_RAY_GROUP": name, **spec.env_vars}
+        # a runtime_env only where a group needs its own variables: Ray starts such workers through a setup
+        # script that imports Ray once more (see placement.cluster.start_local_ray)
+        options = {"runtime_env": {"env_vars": dict(spec.env_vars)}} if spec.env_vars else {}
         self.workers = [
             remote_cls.options(
                 name=None,
@@ -60,7 +62,7 @@ class WorkerGroup:
                 max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.placement, placement_group_bundle_index=index),
-                runtime_env={"env_vars": env},
+                **options,
             ).remote(rank=rank, world_size=spec.num_workers, **(worker_kwargs or {}))
             for rank, index in enumerate(indices)
         ]

@@ -55,13 +55,12 @@ class RLData:
 
 
 def _rows(paths: list[str], kind: str, flag: str) -> list[dict]:
-    from rlhf_ray.data.loading import load_prepared
+    from rlhf_ray.data.loading import load_prepared_rows
 
     try:
-        dataset = load_prepared(paths, kind)
+        return load_prepared_rows(paths, kind)
     except ValueError as exc:
         raise ConfigError(f"--{flag}: {exc}") from None
-    return dataset.to_list()
 
 
 def load_rl_data(cfg) -> RLData:

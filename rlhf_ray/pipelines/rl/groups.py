@@ -99,14 +99,10 @@ def _failed(ref) -> bool:
 
 
 def _group(worker_cls, spec, placement, name: str, kwargs: dict):
-    """Create the actors (without waiting for them); trainer groups join a process group later. Their OpenMP
-    threads match the torch threads each rank sets (one per reserved CPU), as the generator engines' do."""
-    import dataclasses
-
+    """Create the actors (without waiting for them); trainer groups join a process group later. Each rank sets
+    its torch (and so OpenMP) threads to its reserved CPUs itself, so the group needs no environment of its own."""
     from rlhf_ray.workers.group import WorkerGroup
 
-    threads = max(1, int(kwargs.get("parallel", {}).get("cpus_per_worker", 1)))
-    spec = dataclasses.replace(spec, env_vars={**spec.env_vars, "OMP_NUM_THREADS": str(threads)})
     return WorkerGroup(worker_cls, spec, name=name, worker_kwargs=kwargs, placement=placement,
                        bundle_indices=list(range(spec.num_workers)), setup_distributed=False)
 

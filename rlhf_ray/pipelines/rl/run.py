@@ -41,9 +41,9 @@ def build_reward_source_for(cfg, groups, tokenizer):
 
 
 def _load_tokenizer(cfg):
-    from transformers import AutoTokenizer
+    from rlhf_ray.data.tokenizer_loader import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_dir())
+    tokenizer = load_tokenizer(cfg.model.resolved_tokenizer_dir())
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -38,7 +38,7 @@ from rlhf_ray.engines.optim import WarmupCosineSchedule, build_optimizer
 from rlhf_ray.engines.parallelize import (all_reduce_mean_grads, apply_ddp, apply_fsdp, apply_tp, build_mesh,
                                           materialize_from_checkpoint)
 from rlhf_ray.engines.precision import AUTOCAST_DTYPES, DynamicLossScaler, autocast_context
-from rlhf_ray.engines.plugins import TORCH_NATIVE, validate_tp
+from rlhf_ray.engines.plugins import TORCH_NATIVE, VALIDATORS
 from rlhf_ray.engines.registry import register_engine
 from rlhf_ray.engines.weights import global_grad_norm, iter_full_weights, iter_lora_weights, scale_grads_
 from rlhf_ray.models.lora import build_lora_config, has_lora
@@ -273,5 +273,5 @@ _LAYOUTS: dict[str, Callable[[Any], Layout]] = {
     "3d": lambda p: Layout("fsdp", tp=p.tp),
 }
 for _name, _layout in _LAYOUTS.items():
-    _validate = validate_tp if _name == "tp" else None
+    _validate = VALIDATORS.get(_name)
     register_engine(_name, doc=TORCH_NATIVE[_name], validate=_validate)(_factory(_layout, _validate))

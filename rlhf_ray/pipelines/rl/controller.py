@@ -40,6 +40,7 @@ from rlhf_ray.checkpoint.hf_export import CheckpointWriteError
 from rlhf_ray.checkpoint.layout import CONFIG_BESIDE_CHECKPOINT, checkpoint_dir
 from rlhf_ray.config.base import ConfigError
 from rlhf_ray.pipelines.rl.async_mode import AsyncCollector
+from rlhf_ray.pipelines.rl.chunk_reference import ChunkReference
 from rlhf_ray.pipelines.rl.chunk_rewards import ChunkRewards
 from rlhf_ray.pipelines.rl.config import BufferPlan, old_logprobs_from_update
 from rlhf_ray.pipelines.rl.experience import (AdvantageSettings, EpisodeKLController, build_experience,
@@ -117,16 +118,25 @@ class RLController:
                 # a text reward scores each chunk as it arrives, while the rest generates
                 chunk_rewards = (None if self.reward_source.reads_tokens else
                                  ChunkRewards(self.reward_source, lambda done: self._texts(done, rows)))
+                # and the reference scores each chunk too, where it is idle during generation
+                chunk_reference = None if filtering else self._chunk_reference()
+                scorers = [scorer for scorer in (chunk_rewards, chunk_reference) if scorer is not None]
+
+                def on_chunk(done) -> None:
+                    for scorer in scorers:
+                        scorer.submit(done)
+
                 with timers("generate"):                                                # 1a
                     rollouts = self.groups.generators.generate(
                         [row["input_ids"] for row in rows], seed_offset=index + refill * 1_000_003,
-                        on_chunk=None if chunk_rewards is None else chunk_rewards.submit)
+                        on_chunk=on_chunk if scorers else None)
                 with timers("make_experience"):                                         # 1b
                     batch = build_experience(rollouts.rollouts, self.tokenizer.pad_token_id, refill * prompts)
                 with timers("score"):                                                   # 1c
                     round_metrics.append({**rollouts.metrics(),
                                           **self.score(batch, rollouts.rollouts, rows, chunk_rewards,
-                                                       model_passes=not filtering)})
+                                                       model_passes=not filtering,
+                                                       chunk_reference=chunk_reference)})
                 return batch
 
             filtering = self.cfg.algorithm.filter_groups        # DAPO dynamic sampling: only groups with a signal
@@ -184,11 +194,12 @@ class RLController:
         return {f"memory/peak_rss_mib/{role}": mib for role, mib in peaks.items()}
 
     def score(self, experience, rollouts, rows: list[dict], chunk_rewards: ChunkRewards | None = None,
-              model_passes: bool = True) -> dict[str, float]:
+              model_passes: bool = True, chunk_reference: ChunkReference | None = None) -> dict[str, float]:
         """Stage 1c: every scorer starts before any result is awaited. Sets scores and (with `model_passes`)
-        ref_logprobs, values, old_logprobs on `experience`; returns the reward metrics. `chunk_rewards`: the text
-        rewards already started chunk by chunk during generation (else the whole batch is scored here)."""
-        pending = self._start_model_passes(experience) if model_passes else {}
+        ref_logprobs, values, old_logprobs on `experience`; returns the reward metrics. `chunk_rewards`,
+        `chunk_reference`: the text rewards and reference passes already started chunk by chunk during generation
+        (else the whole batch is scored here)."""
+        pending = self._start_model_passes(experience, reference=chunk_reference is None) if model_passes else {}
         if chunk_rewards is None:
             texts = self._reward_batch(experience, rollouts, rows)
             result = self.reward_source.score_async(texts).result()
@@ -199,6 +210,8 @@ class RLController:
         self.last_samples = first_samples(texts, result.rewards, experience.response_mask.sum(-1).tolist())
         metrics = dict(result.metrics)
         if model_passes:
+            if chunk_reference is not None:
+                experience.ref_logprobs = chunk_reference.result(rollouts, experience.response_len)
             metrics.update(self._finish_model_passes(experience, pending))
         return metrics
 
@@ -207,14 +220,28 @@ class RLController:
         only, once the rewards have chosen them)."""
         return self._finish_model_passes(experience, self._start_model_passes(experience))
 
-    def _start_model_passes(self, experience) -> dict[str, list]:
+    def _start_reference(self, batch: dict) -> list:
+        """The reference pass over a scoring batch: its pending results, or [] when the job has no reference."""
+        if self.groups.reference is not None:
+            return self.groups.reference.call_rows_async("compute_response_logprobs", batch,
+                                                         temperature=self.temperature)
+        if self.groups.reference_in_policy:
+            return self.groups.policy.call_rows_async("compute_reference_logprobs", batch,
+                                                      temperature=self.temperature)
+        return []
+
+    def _chunk_reference(self) -> ChunkReference | None:
+        """Reference passes per finished chunk, where there is a reference and its process is idle while the
+        engines generate (not when the policy's rank is the engine: there the passes would only queue)."""
+        groups = self.groups
+        if (groups.reference is None and not groups.reference_in_policy) or groups.generator_in_policy:
+            return None
+        return ChunkReference(self._start_reference, self.tokenizer.pad_token_id)
+
+    def _start_model_passes(self, experience, reference: bool = True) -> dict[str, list]:
         groups, batch, pending = self.groups, scoring_batch(experience), {}
-        if groups.reference is not None:
-            pending["ref_logprobs"] = groups.reference.call_rows_async("compute_response_logprobs", batch,
-                                                                       temperature=self.temperature)
-        elif groups.reference_in_policy:
-            pending["ref_logprobs"] = groups.policy.call_rows_async("compute_reference_logprobs", batch,
-                                                                    temperature=self.temperature)
+        if reference and (refs := self._start_reference(batch)):
+            pending["ref_logprobs"] = refs
         if groups.critic is not None:
             pending["values"] = groups.critic.call_rows_async("compute_response_values", batch)
         if self.old_logprobs_pass:

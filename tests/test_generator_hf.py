@@ -79,6 +79,10 @@ def test_hf_contract_with_padding(ray_cluster, tiny_model_dir):
                                                     "stop": [text[4:7]]})[row].samples[0]
         assert cut.finish_reason == "stop" and text[4:7] not in cut.text and text.startswith(cut.text)
         assert cut.response_ids == greedy[row].samples[0].response_ids[:len(cut.response_ids)]
+        # greedy with n > 1, on both paths (transformers' generate refuses num_return_sequences > 1 when greedy)
+        for extra in ({}, {"stop": [text[4:7]]}):
+            twice = group.generate(prompts[:2], sampling={"temperature": 0, "n_samples_per_prompt": 2, **extra})
+            assert all(len(r.samples) == 2 and r.samples[0].response_ids == r.samples[1].response_ids for r in twice)
     finally:
         group.shutdown()
 

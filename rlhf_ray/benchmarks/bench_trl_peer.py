@@ -10,12 +10,14 @@ never installs it.
 Both sides run the same job: the demo's arithmetic prompts (chat-formatted; rlhf-ray through its tiny template,
 TRL through the tokenizer's chat template), the same tiny Llama, P prompts x n samples per step, exactly T new
 tokens per sample (rlhf-ray --ignore_eos, TRL min_new_tokens = max_completion_length), one optimizer step per step
-over all P x n completions, AdamW at the same lr (no weight decay, cosine decay, no warm-up, grad clip 1.0),
+over all P x n completions (TRL in one forward/backward; rlhf-ray in micro-batches of the size's micro_batch rows,
+the whole batch on demo), AdamW at the same lr (no weight decay, cosine decay, no warm-up, grad clip 1.0),
 KL coefficient 0.001 against a reference model, clip 0.2, token-mean loss, group-normalised advantages, the
 number_only rule reward, a final save. rlhf-ray runs as the demo's GRPO stage does (--colocate_all, one vLLM
-engine; rlhf_ray_hf: the same with --backend hf, transformers generate in the generator actor); TRL in one process
-with transformers generate. Every core is used by both: TRL's torch at its default threads, each colocated
-rlhf-ray role at --cpus_per_worker/--cpus_per_engine = the core count (the roles take turns in sync mode).
+engine; rlhf_ray_hf: the same with --backend hf, whose lean KV-cache decode loop runs on the policy's own module);
+TRL in one process with transformers generate. Every core is used by both: TRL's torch at its default threads,
+each colocated rlhf-ray role at --cpus_per_worker/--cpus_per_engine = the core count (the roles take turns in sync
+mode).
 --ignore_eos in rlhf-ray also ignores the template's end-of-turn id, so both generate exactly T tokens per sample
 (checked from rlhf-ray's metrics). Sizes (default steps, repeats, systems):
     demo    'debug' tiny Llama (the demo's model, 0.46M params), 4 prompts x 8 samples x 32 tokens; 50 steps, 2
@@ -49,13 +51,15 @@ from rlhf_ray.benchmarks import add_out_flag, results_dir, write_report
 TRL_PIN = "trl==1.16.0"
 CONSTRAINED = ("torch", "transformers", "accelerate", "datasets")
 # Per size: the job, and the default steps, repeats and systems (a heavy TRL step takes minutes here).
+# micro_batch: rlhf-ray's rows per training micro-batch and per scoring pass. TRL trains and scores the whole batch
+# at once (per_device_train_batch_size = P x n); the demo matches it, the heavy size keeps 16 (memory).
 SIZES = {"demo": {"flavour": "debug", "prompts": 4, "n": 8, "tokens": 32, "steps": 50, "kv_cache_gib": 0.25,
-                  "repeats": 2, "systems": ["trl", "rlhf_ray", "rlhf_ray_hf"]},
+                  "micro_batch": 32, "repeats": 2, "systems": ["trl", "rlhf_ray", "rlhf_ray_hf"]},
          # the KV cache holds the whole batch: 256 sequences x 3 blocks of 128 tokens (vLLM's CPU block; prompt
          # <= 64 + 256 new) x 16 KiB per token (fp32, 4 layers, 8 KV heads x 64) = 1.5 GiB; 1 GiB ran ~170 at once
          "heavy": {"flavour": "bench", "prompts": 32, "n": 8, "tokens": 256, "steps": 3, "kv_cache_gib": 2.0,
-                   "repeats": 1, "systems": ["trl", "rlhf_ray"]}}
-LR, KL_COEF, MICRO_BATCH = 5e-3, 0.001, 16
+                   "micro_batch": 16, "repeats": 1, "systems": ["trl", "rlhf_ray"]}}
+LR, KL_COEF = 5e-3, 0.001
 # Both systems may use every core: TRL's one process runs torch with its default threads (one per core); rlhf-ray's
 # colocated roles take turns in sync mode, so each gets every core for its phase (threads = its reserved CPUs).
 CPUS = os.cpu_count() or 1
@@ -142,15 +146,15 @@ SYSTEMS = {"trl": None, "rlhf_ray": "vllm", "rlhf_ray_hf": "hf"}
 
 
 def rlhf_ray_command(size: dict, model: Path, data: Path, log_dir: Path, backend: str = "vllm") -> list[str]:
-    batch = size["prompts"] * size["n"]
+    batch, micro = size["prompts"] * size["n"], size["micro_batch"]
     return [sys.executable, "-m", "rlhf_ray.cli", "grpo", "--pretrain", str(model), "--prompt_dataset", str(data),
             "--conversation_template_config", str(assets() / "templates" / "tiny.json"),
             "--reward_fn", f"{assets() / 'rewards' / 'number_only.py'}:number_only",
             "--num_episodes", str(size["steps"]), "--experience_batch_size", str(size["prompts"]),
             "--n_samples_per_prompt", str(size["n"]), "--max_new_tokens", str(size["tokens"]), "--ignore_eos",
             "--max_prompt_len", "64", "--kv_cache_gib", str(size["kv_cache_gib"]),
-            "--train_batch_size", str(min(MICRO_BATCH, batch)), "--accumulation_steps",
-            str(max(1, batch // MICRO_BATCH)), "--num_update_steps", "1", "--lr", str(LR), "--kl_coef", str(KL_COEF),
+            "--train_batch_size", str(min(micro, batch)), "--accumulation_steps", str(max(1, batch // micro)),
+            "--forward_batch_size", str(micro), "--num_update_steps", "1", "--lr", str(LR), "--kl_coef", str(KL_COEF),
             "--warmup_steps", "0", "--weight_decay", "0", "--grad_clip", "1.0", "--colocate_all",
             *[flag for name in ("--cpus_per_worker", "--ref_cpus_per_worker", "--cpus_per_engine")
               for flag in (name, str(CPUS))],

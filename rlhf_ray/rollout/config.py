@@ -22,7 +22,8 @@ class GeneratorSection(Section):
 
     # ---------------------------------------------------------------- engines
     backend: Literal["vllm", "hf"] = Field("vllm", description="generation backend: vllm (fast) or hf "
-                                                               "(transformers generate: the reference, and the "
+                                                               "(transformers: a lean KV-cache decode loop, "
+                                                               "generate for stop strings; the reference, and the "
                                                                "fallback where vLLM is absent)")
     num_engines: int = Field(1, ge=1, description="generator actors, each owning one engine")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (tensor parallel); 1 on CPU")

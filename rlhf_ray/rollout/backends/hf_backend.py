@@ -1,11 +1,13 @@
-"""The transformers backend: `model.generate` behind the generator interface.
+"""The transformers backend: a transformers model behind the generator interface.
 
-It is the reference the vLLM backend is checked against, and the fallback where vLLM is absent. It returns the
-same fields: sampled tokens (EOS / stop token included), text (stop string cut off), each token's log-prob
-('processed': from the scores generate actually sampled from, after temperature / top-k / top-p; 'raw':
-log_softmax of the logits), and the finish reason. It samples with the section's settings only: the checkpoint's
-generation_config (repetition_penalty, no_repeat_ngram_size, top_k ...) is dropped at load, so that the trainer
-can recompute the sampler's log-probs (tests/test_generator_hf_settings.py).
+It is the reference the vLLM backend is checked against, and the fallback where vLLM is absent. It decodes with
+the lean loop of hf_sampler.py (generate's semantics, less per-step overhead), and with `model.generate` when the
+request has stop strings, which generate matches on the decoded text as it samples. It returns the same fields as
+vLLM: sampled tokens (EOS / stop token included), text (stop string cut off), each token's log-prob ('processed':
+from the scores actually sampled from, after temperature / top-k / top-p; 'raw': log_softmax of the logits), and the
+finish reason. It samples with the section's settings only: the checkpoint's generation_config
+(repetition_penalty, no_repeat_ngram_size, top_k ...) is never applied, so that the trainer can recompute the
+sampler's log-probs (tests/test_generator_hf_settings.py).
 
 Limits: one batch per chunk, padded on the left; sampling is reproducible only for the same chunking (torch's
 generator is seeded once per chunk, from the chunk's first prompt), unlike vLLM's per-prompt seeds.
@@ -18,6 +20,7 @@ from typing import Sequence
 import torch
 
 from rlhf_ray.rollout.backends.base import GenerationBackend, decode_response, register_backend
+from rlhf_ray.rollout.backends.hf_sampler import DecodeSettings, decode
 from rlhf_ray.rollout.config import GeneratorSection
 from rlhf_ray.rollout.receiver import WeightReceiver, ipc_bytes_to_tensor
 from rlhf_ray.rollout.types import PromptChunk, Sample, request_seed
@@ -51,10 +54,11 @@ class HFBackend(GenerationBackend):
         checkpoint_config = self.model.generation_config
         eos = checkpoint_config.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        # Sample with the project's settings only. generate() fills every field our config leaves unset from the
-        # model's generation_config (a checkpoint's generation_config.json: repetition_penalty 1.05 in
-        # Qwen2.5-Instruct, no_repeat_ngram_size, min_p ...), which the trainer's log-probs never reproduce. It is
-        # swapped in for each call only: a shared module keeps its own, which its export writes.
+        # Sample with the project's settings only. The lean loop reads nothing from the checkpoint's
+        # generation_config; generate() (stop strings) fills every field our config leaves unset from it
+        # (repetition_penalty 1.05 in Qwen2.5-Instruct, no_repeat_ngram_size, min_p ...), which the trainer's
+        # log-probs never reproduce, so a bare one is swapped in for those calls: a shared module keeps its own,
+        # which its export writes.
         self._bare_generation_config = GenerationConfig(bos_token_id=checkpoint_config.bos_token_id,
                                                         eos_token_id=eos)
         self.max_model_len = section.resolved_max_model_len()
@@ -64,8 +68,6 @@ class HFBackend(GenerationBackend):
     # ------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, chunk: PromptChunk) -> list[list[Sample]]:
-        from transformers import GenerationConfig
-
         sampling = chunk.sampling
         n = sampling["n_samples_per_prompt"]
         width = max(map(len, chunk.prompt_ids))
@@ -79,33 +81,21 @@ class HFBackend(GenerationBackend):
         seed = request_seed(sampling["seed"], chunk.seed_offset, chunk.indices[0])
         if seed is not None:
             torch.manual_seed(seed)
-        greedy = sampling["temperature"] == 0
-        # One GenerationConfig carries every setting (passing a config plus loose generation kwargs is deprecated in
-        # transformers 5). Unset (None) fields fall back to transformers' defaults (the checkpoint's were dropped
-        # at load), so "off" is spelled out: top_k 0, eos_token_id [] (ignore_eos).
-        config = GenerationConfig(max_new_tokens=sampling["max_new_tokens"], do_sample=not greedy, use_cache=True,
-                                  num_return_sequences=n, pad_token_id=self.pad_id, eos_token_id=stop_ids,
-                                  bos_token_id=self._bare_generation_config.bos_token_id,
-                                  return_dict_in_generate=True,
-                                  output_scores=self.section.logprobs_mode == "processed",
-                                  output_logits=self.section.logprobs_mode == "raw",
-                                  temperature=1.0 if greedy else sampling["temperature"], top_p=sampling["top_p"],
-                                  top_k=max(0, sampling["top_k"]),  # 0 disables; None would fall back to 50
-                                  stop_strings=list(sampling["stop"]) or None)
-        extra = {"tokenizer": self.tokenizer} if sampling["stop"] else {}
-        own_config, was_training = self.model.generation_config, self.model.training
-        self.model.generation_config = self._bare_generation_config
+        own_mode = self.model.training
         self.model.eval()                               # a shared policy module is in training mode between steps
         try:
-            out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                      generation_config=config, **extra)
+            if sampling["stop"]:
+                generated, token_logprobs = self._generate_with_stop_strings(input_ids, attention, stop_ids, sampling)
+            else:
+                settings = DecodeSettings(max_new_tokens=sampling["max_new_tokens"],
+                                          temperature=sampling["temperature"], top_k=sampling["top_k"],
+                                          top_p=sampling["top_p"], stop_ids=tuple(stop_ids), pad_id=self.pad_id,
+                                          logprobs_mode=self.section.logprobs_mode)
+                generated, token_logprobs = decode(self.model, input_ids.to(self.device),
+                                                   attention.to(self.device), n, settings)
         finally:
-            self.model.generation_config = own_config
-            self.model.train(was_training)
-        steps = out.scores if self.section.logprobs_mode == "processed" else out.logits
-        generated = out.sequences[:, width:]                                        # (batch * n, new_len)
-        step_logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in steps], dim=1)
-        token_logprobs = step_logprobs.gather(-1, generated.unsqueeze(-1)).squeeze(-1).cpu()  # (batch * n, new_len)
+            self.model.train(own_mode)
+        token_logprobs = token_logprobs.cpu()
         generated = generated.cpu()
         results = []
         for row in range(len(chunk)):
@@ -115,6 +105,39 @@ class HFBackend(GenerationBackend):
                 samples.append(self._sample(generated[flat], token_logprobs[flat], stop_ids, sampling))
             results.append(samples)
         return results
+
+    def _generate_with_stop_strings(self, input_ids: torch.Tensor, attention: torch.Tensor, stop_ids: list[int],
+                                    sampling: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' generate, which matches stop strings on the decoded text as it samples: returns the new
+        tokens (rows * n, steps) and each one's log-prob."""
+        from transformers import GenerationConfig
+
+        greedy = sampling["temperature"] == 0
+        # rows repeated in place rather than num_return_sequences, which generate refuses when greedy
+        n = sampling["n_samples_per_prompt"]
+        input_ids, attention = input_ids.repeat_interleave(n, dim=0), attention.repeat_interleave(n, dim=0)
+        # One GenerationConfig carries every setting (passing a config plus loose generation kwargs is deprecated in
+        # transformers 5). Unset (None) fields fall back to transformers' defaults (the checkpoint's were dropped
+        # at load), so "off" is spelled out: top_k 0, eos_token_id [] (ignore_eos).
+        config = GenerationConfig(max_new_tokens=sampling["max_new_tokens"], do_sample=not greedy, use_cache=True,
+                                  pad_token_id=self.pad_id, eos_token_id=stop_ids,
+                                  bos_token_id=self._bare_generation_config.bos_token_id, return_dict_in_generate=True,
+                                  output_scores=self.section.logprobs_mode == "processed",
+                                  output_logits=self.section.logprobs_mode == "raw",
+                                  temperature=1.0 if greedy else sampling["temperature"], top_p=sampling["top_p"],
+                                  top_k=max(0, sampling["top_k"]),  # 0 disables; None would fall back to 50
+                                  stop_strings=list(sampling["stop"]))
+        own_config = self.model.generation_config
+        self.model.generation_config = self._bare_generation_config
+        try:
+            out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                                      generation_config=config, tokenizer=self.tokenizer)
+        finally:
+            self.model.generation_config = own_config
+        steps = out.scores if self.section.logprobs_mode == "processed" else out.logits
+        generated = out.sequences[:, input_ids.shape[1]:]                           # (batch * n, new_len)
+        step_logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in steps], dim=1)
+        return generated, step_logprobs.gather(-1, generated.unsqueeze(-1)).squeeze(-1)
 
     def _sample(self, ids: torch.Tensor, logprobs: torch.Tensor, stop_ids: list[int], sampling: dict) -> Sample:
         ids_list = ids.tolist()

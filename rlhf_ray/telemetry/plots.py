@@ -77,7 +77,7 @@ def draw_curves(runs: dict[str, list[dict]]):
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         fig.delaxes(ax)
-    fig.tight_layout()
+    _fix_margins(fig, left=0.75, right=0.2, hspace=0.55, wspace=0.3)
     return fig
 
 
@@ -104,8 +104,16 @@ def draw_timing(runs: dict[str, list[dict]]):
         ax.set_ylabel("seconds")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
+    _fix_margins(fig, left=0.75, right=1.6, hspace=0.6, wspace=0.2)
     return fig
+
+
+def _fix_margins(fig, left: float, right: float, hspace: float, wspace: float) -> None:
+    """Margins in inches (titles, tick labels, a legend beside the axes), spacing as a fraction of a panel. Not
+    tight_layout: measuring every label costs ~0.5 s of CPU, at the end of every job."""
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=0.55 / height, top=1 - 0.35 / height,
+                        hspace=hspace, wspace=wspace)
 
 
 def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:

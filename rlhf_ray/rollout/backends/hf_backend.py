@@ -117,8 +117,8 @@ class HFBackend(GenerationBackend):
         n = sampling["n_samples_per_prompt"]
         input_ids, attention = input_ids.repeat_interleave(n, dim=0), attention.repeat_interleave(n, dim=0)
         # One GenerationConfig carries every setting (passing a config plus loose generation kwargs is deprecated in
-        # transformers 5). Unset (None) fields fall back to transformers' defaults (the checkpoint's were dropped
-        # at load), so "off" is spelled out: top_k 0, eos_token_id [] (ignore_eos).
+        # transformers 5). Unset (None) fields fall back to transformers' defaults (the checkpoint's are swapped
+        # out for the call, below), so "off" is spelled out: top_k 0, eos_token_id [] (ignore_eos).
         config = GenerationConfig(max_new_tokens=sampling["max_new_tokens"], do_sample=not greedy, use_cache=True,
                                   pad_token_id=self.pad_id, eos_token_id=stop_ids,
                                   bos_token_id=self._bare_generation_config.bos_token_id, return_dict_in_generate=True,

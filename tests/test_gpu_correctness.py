@@ -134,6 +134,13 @@ def test_gpu_check_on_cpu_reports_every_row_skipped():
     assert lines[-1] == "gpu check: no failures"
 
 
+def test_frozen_models_row_runs_on_cpu_with_the_dpo_colocated_reference(tiny_model_dir):
+    """The row a GPU machine runs, here on the CPU: the frozen rank's model and DPO's colocated reference sit on the
+    rank's device, take the collator's CPU batches and score as the untrained policy does."""
+    report = gpu_check.check_frozen_models(str(tiny_model_dir))
+    assert report.startswith("on cpu;") and "DPO colocated reference gap" in report, report
+
+
 def test_gpu_check_imports_neither_ray_nor_vllm():
     """Everything the GPU rows import, with ray and vllm made unimportable."""
     code = ("import sys; sys.modules['ray'] = sys.modules['vllm'] = None\n"

@@ -231,7 +231,34 @@ def check_frozen_models(model_dir: str) -> str:
     gap = (frozen_forward(frozen.model, batch, score) - policy._forward(batch, score).float().cpu()).abs().max().item()
     if not gap <= 1e-4:
         raise AssertionError(f"frozen log-probs differ from the untrained policy's by {gap:.2e} (> 1e-4)")
-    return f"on {expected}; log-prob gap to the policy {gap:.1e}"
+    dpo_gap = _check_colocated_dpo_reference(kwargs, expected, generator)
+    return f"on {expected}; log-prob gap to the policy {gap:.1e}; DPO colocated reference gap {dpo_gap:.1e}"
+
+
+def _check_colocated_dpo_reference(kwargs: dict, expected: str, generator: torch.Generator) -> float:
+    """DPO's colocated reference (a frozen copy inside the trainer rank) sits on the rank's device, scores the
+    collator's CPU batch, and gives the untrained policy's sequence log-probs; returns the largest gap."""
+    from rlhf_ray.workers.trainer import TrainerWorker
+
+    trainer = TrainerWorker(0, 1, **kwargs, objective={"kind": "dpo", "beta": 0.1}, colocated_reference=True)
+    trainer.build(1)
+    reference = trainer.objective.reference_model
+    device = next(reference.parameters()).device.type
+    if device != expected:
+        raise AssertionError(f"DPO's colocated reference is on {device}, expected {expected}")
+    def pair() -> dict:
+        return {f"{side}_{key}": (torch.randint(3, 60, (10,), generator=generator).tolist() if key == "input_ids"
+                                  else [0] * 5 + [1] * 5)
+                for side in ("chosen", "rejected") for key in ("input_ids", "loss_mask")}
+
+    rows = [pair(), pair()]
+    batch = trainer.objective.attach_reference(trainer.objective.collate(rows))     # on the CPU, as collated
+    policy = trainer._forward(batch, lambda model, b: torch.stack(trainer.objective.sequence_logps(model, b)))
+    reference_logps = torch.stack([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+    gap = (reference_logps - policy.float().cpu()).abs().max().item()
+    if not gap <= 1e-4:
+        raise AssertionError(f"DPO's colocated reference log-probs differ from the untrained policy's by {gap:.2e}")
+    return gap
 
 
 def _gate(thunk: Callable[[], str], needs: int, gpus: int, no_colossal: bool) -> Callable[[], str]:

@@ -172,8 +172,14 @@ class PreferenceObjective:
     def attach_reference(self, batch) -> dict[str, Any]:
         """Add ref_chosen_logps / ref_rejected_logps from the colocated frozen model (no-op otherwise)."""
         if self.use_reference and self.reference_model is not None and "ref_chosen_logps" not in batch:
-            ref_chosen, ref_rejected = self.sequence_logps(self.reference_model, batch)
-            batch = {**batch, "ref_chosen_logps": ref_chosen.float(), "ref_rejected_logps": ref_rejected.float()}
+            # the batch comes from the collator, on the CPU; the reference sits on the rank's device
+            device = next(self.reference_model.parameters()).device
+            on_device = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                         for key, value in batch.items()}
+            ref_chosen, ref_rejected = self.sequence_logps(self.reference_model, on_device)
+            home = batch["chosen_input_ids"].device
+            batch = {**batch, "ref_chosen_logps": ref_chosen.float().to(home),
+                     "ref_rejected_logps": ref_rejected.float().to(home)}
         return batch
 
     def _reference(self, batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:

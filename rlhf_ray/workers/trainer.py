@@ -119,10 +119,9 @@ class TrainerWorker(RankedWorker):
                                        num_training_steps, model_cfg=self.model_cfg)
             module = self.engine.unwrap()
         if self.colocated_reference:
-            # The frozen reference lives beside the policy in this process: no extra actors, no extra transfers.
-            from rlhf_ray.models.loading import load_causal_lm
-
-            self.objective.reference_model = load_causal_lm(self.model_cfg, self._frozen_dtype(), for_training=False)
+            # The frozen reference lives beside the policy in this process (on its GPU when it has one): no extra
+            # actors, no extra transfers.
+            self.objective.reference_model = self._load_frozen()
         trainable, total = count_parameters(module)
         return {"rank": self.rank, "parameters": total, "trainable_parameters": trainable,
                 "threads": torch.get_num_threads(), "pid": os.getpid()}

@@ -1,6 +1,7 @@
 """Automatic resume after a trainer rank dies: the restart loop (which checkpoint, how many times, the messages) and
 the skip counters surviving a resume. The end-to-end drill (a rank SIGKILLed mid-run, losses equal to an
-uninterrupted run's) is in test_sft.py; ppo/grpo run the same loop (pipelines/rl/run.py)."""
+uninterrupted run's) is in test_sft.py, and for grpo in test_generator_in_policy.py (the policy rank that also
+generates dies mid-generation); ppo/grpo run the same loop (pipelines/rl/run.py)."""
 
 import os
 import time

@@ -70,3 +70,51 @@ def test_the_policy_generating_itself_gives_the_episodes_of_a_separate_engine(ra
         for key in ("reward/mean", "reward/kl", "rollout/response_len_mean", "loss/policy", "policy/grad_norm"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), (mine["step"], key)
     assert inside[-1]["reward/kl"] > 0
+
+
+@pytest.mark.ray
+def test_a_policy_rank_lost_mid_generation_restarts_from_the_checkpoint(ray_cluster, tiny_model_dir, tmp_path,
+                                                                       monkeypatch, capsys):
+    """The engine is the policy's own rank, so losing it mid-generation loses a trainer rank: the job must restart
+    from its newest checkpoint (--max_restarts), not route the chunk to another engine, and the episodes after the
+    restart must be the uninterrupted run's."""
+    from rl_data import REWARD_FN, TEMPLATE, prepare_prompts
+
+    from rlhf_ray.pipelines import grpo
+    from rlhf_ray.pipelines.rl.controller import RLController
+    from rlhf_ray.telemetry.tracker import read_jsonl_metrics
+
+    prompts = prepare_prompts(tiny_model_dir, tmp_path / "prompts")
+
+    def run(name: str) -> list[dict]:
+        status = grpo.main([
+            "--pretrain", str(tiny_model_dir), "--prompt_dataset", str(prompts), "--reward_fn", REWARD_FN,
+            "--conversation_template_config", TEMPLATE, "--backend", "hf", "--colocate_all", "--seed", "5",
+            "--n_samples_per_prompt", "4", "--max_new_tokens", "6", "--max_prompt_len", "32", "--num_episodes", "4",
+            "--experience_batch_size", "4", "--train_batch_size", "16", "--accumulation_steps", "1", "--lr", "5e-3",
+            "--kl_coef", "0.001", "--save_interval", "2", "--max_restarts", "1", "--save_path", str(tmp_path / name / "policy"),
+            "--log_dir", str(tmp_path / name / "log"), "--tensorboard", "false", "--progress", "false"])
+        assert status == 0
+        return read_jsonl_metrics(tmp_path / name / "log" / "metrics.jsonl")
+
+    whole = run("whole")
+    crashed: list[int] = []
+    collect = RLController.collect_episode
+
+    def crash_in_episode_3(self, episode):
+        if episode == 2 and not crashed:          # episodes count from 0: the third, after step_2 is saved
+            crashed.append(episode)
+            self.groups.generators.inject_crash_on_next_generate(0)
+        return collect(self, episode)
+
+    monkeypatch.setattr(RLController, "collect_episode", crash_in_episode_3)
+    capsys.readouterr()
+    restarted = run("restarted")
+    out = capsys.readouterr()
+    assert crashed, "the crash was never injected"
+    assert "lost policy rank 0" in out.out + out.err and "step_2" in out.out + out.err, out.out + out.err
+    by_step = {row["step"]: row for row in restarted}           # the restarted attempt rewrote steps 3 and 4
+    assert sorted(by_step) == [row["step"] for row in whole] == [1, 2, 3, 4]
+    for row in whole:
+        for key in ("reward/mean", "reward/kl", "loss/policy", "policy/grad_norm"):
+            assert by_step[row["step"]][key] == pytest.approx(row[key], rel=1e-5, abs=1e-7), (row["step"], key)

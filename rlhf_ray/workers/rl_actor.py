@@ -87,8 +87,9 @@ class RLWorker(TrainerWorker, WeightSyncSourceMixin):
     def _response_logprobs(self, batch: dict, temperature: float, model: torch.nn.Module | None = None
                            ) -> torch.Tensor:
         response_len = int(batch["response_len"])
+        share = self.loss_settings.shared_prompt_forward
         return self._score_in_chunks(batch, lambda m, b: compute_response_logprobs(
-            m, b["sequences"], b["attention_mask"], response_len, temperature), model=model)
+            m, b["sequences"], b["attention_mask"], response_len, temperature, share), model=model)
 
     def compute_response_values(self, batch: dict) -> torch.Tensor:
         """batch: sequences, attention_mask (B, P + R), response_len R -> (B, R) float32 critic values."""

@@ -27,6 +27,7 @@ from rlhf_ray.algorithms import (LossAggregation, PolicyLossParams, compute_entr
                                  compute_kl_loss, compute_policy_loss, compute_ptx_loss, compute_token_logprobs,
                                  compute_value_loss, count_tokens_and_sequences)
 from rlhf_ray.algorithms.off_policy import RolloutCorrectionParams, compute_rollout_correction
+from rlhf_ray.models.shared_prompt import shared_prompt_logits
 from rlhf_ray.workers.objectives import causal_logits, position_ids_for
 
 
@@ -56,6 +57,8 @@ class RLLossSettings:
     rollout_rs: str | None = None
     rollout_rs_threshold: float = 2.0
     rollout_rs_threshold_lower: float | None = None
+    # each distinct prompt of a micro-batch runs once in the policy, reference and old-log-prob passes
+    shared_prompt_forward: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,10 +93,21 @@ def units_of(response_mask: torch.Tensor, loss_agg_mode: str) -> float:
 
 @torch.no_grad()
 def compute_response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
-                              temperature: float = 1.0) -> torch.Tensor:
+                              temperature: float = 1.0, share_prompts: bool = False) -> torch.Tensor:
     """log-probs of the response tokens `(B, R)` under softmax(logits / temperature), float32."""
-    logits = causal_logits(model, sequences, attention_mask)
-    return compute_token_logprobs(response_span(logits, response_len), sequences[:, -response_len:], temperature)
+    span = response_logits(model, sequences, attention_mask, response_len, share_prompts)
+    return compute_token_logprobs(span, sequences[:, -response_len:], temperature)
+
+
+def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                    share_prompts: bool) -> torch.Tensor:
+    """The logits that predict the response tokens `(B, R, V)`; with `share_prompts`, each distinct prompt of the
+    micro-batch runs once where the model allows (models/shared_prompt.py), else the full sequences run."""
+    if share_prompts:
+        shared = shared_prompt_logits(model, sequences, attention_mask, response_len)
+        if shared is not None:
+            return shared
+    return response_span(causal_logits(model, sequences, attention_mask), response_len)
 
 
 @torch.no_grad()
@@ -150,8 +164,11 @@ def actor_loss(model, batch: dict[str, Any], settings: RLLossSettings,
         input_ids = torch.cat([_pad_right(sequences, width, 0), _pad_right(batch["ptx_input_ids"], width, 0)])
         input_mask = torch.cat([_pad_right(attention_mask, width, 0),
                                 _pad_right(batch["ptx_attention_mask"], width, 0)])
-    logits = causal_logits(model, input_ids, input_mask)
-    span = response_span(logits[:rows, :sequences.shape[1]], response_len)                  # (B, R, V)
+    if has_ptx:                                 # one forward pass carries the RL rows and the ptx rows
+        logits = causal_logits(model, input_ids, input_mask)
+        span = response_span(logits[:rows, :sequences.shape[1]], response_len)              # (B, R, V)
+    else:
+        span = response_logits(model, sequences, attention_mask, response_len, settings.shared_prompt_forward)
     logprobs = compute_token_logprobs(span, sequences[:, -response_len:], settings.temperature)
 
     local = settings.aggregation

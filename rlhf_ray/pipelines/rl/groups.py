@@ -157,7 +157,7 @@ def start_roles(cfg, plan: RolePlan, placement_groups: dict[str, Any], generator
                                     "parallel": parallel["critic"], "loss": losses, "model_kind": "value", **common})
         if "reference" in plan.specs:
             groups.reference = _group(RLWorker, plan.specs["reference"], pg["reference"], "reference",
-                                      {"model": cfg.model.model_dump(), "train": train,
+                                      {"model": cfg.model.model_dump(), "train": train, "loss": losses,
                                        "parallel": parallel["reference"], "frozen": True, **common})
         if "reward" in plan.specs:
             rm_model = ModelSection(pretrain=cfg.reward.rm_path, use_flash_attn=cfg.model.use_flash_attn)

@@ -246,6 +246,7 @@ def _check_colocated_dpo_reference(kwargs: dict, expected: str, generator: torch
     device = next(reference.parameters()).device.type
     if device != expected:
         raise AssertionError(f"DPO's colocated reference is on {device}, expected {expected}")
+
     def pair() -> dict:
         return {f"{side}_{key}": (torch.randint(3, 60, (10,), generator=generator).tolist() if key == "input_ids"
                                   else [0] * 5 + [1] * 5)

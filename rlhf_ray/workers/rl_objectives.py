@@ -4,6 +4,9 @@
     span   = logits[:, P - 1 : P + R - 1]           (B, R, V)       logits at t predict token t + 1
     logprobs = log softmax(span / T)[response]      (B, R)          T = the sampling temperature
 
+(With --shared_prompt_forward, models/shared_prompt.py computes `span` running each distinct prompt once; the same
+numbers to float rounding.)
+
 Policy objective (minimised):   pg_loss + entropy_coef * entropy_loss + kl_loss_coef * kl_loss  [ + ptx_coef * ptx ]
 Critic objective:               clipped value loss on values[:, P - 1 : P + R - 1] (the state before each token)
 

@@ -122,3 +122,19 @@ def test_shared_prompt_logits_equal_the_full_forward_on_smollm2():
         full = _full(model, sequences, mask, 4)
     gap = (shared.log_softmax(-1) - full.log_softmax(-1)).abs().max().item()
     assert gap < 1e-4, gap
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "qwen2_moe"])
+def test_every_family_shares_exactly_or_runs_the_full_forward(family, tmp_path):
+    """Each supported decoder family either shares prompts with the full forward's logits, or (sliding-window
+    layers) is left to the full forward."""
+    from rlhf_ray.fixtures.tiny import build_tiny_model
+
+    model = _model(build_tiny_model(tmp_path / family, family=family))
+    sequences, mask, _ = _batch([[5, 6, 7, 8], [9, 10]], n=2, response_len=3, pad_id=0)
+    shared = shared_prompt_logits(model, sequences, mask, 3)
+    if family == "gemma2":                                 # sliding-window layers: not shared
+        assert shared is None and not can_share_prompts(model)
+        return
+    full = _full(model, sequences, mask, 3)
+    assert shared is not None and torch.allclose(shared, full, atol=1e-5), family

@@ -138,3 +138,31 @@ def test_every_family_shares_exactly_or_runs_the_full_forward(family, tmp_path):
         return
     full = _full(model, sequences, mask, 3)
     assert shared is not None and torch.allclose(shared, full, atol=1e-5), family
+
+
+def test_a_model_with_some_tensor_parallel_weights_runs_the_full_forward(tiny_model_dir):
+    """Tensor parallelism may leave the embeddings plain while the attention weights are DTensors: one is enough.
+    In a subprocess, since it starts a (one-rank, gloo) process group."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, socket, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+from transformers import AutoModelForCausalLM
+from rlhf_ray.models.shared_prompt import can_share_prompts
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("gloo", rank=0, world_size=1)
+model = AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r})
+assert can_share_prompts(model)
+parallelize_module(model.model.layers[0].self_attn, init_device_mesh("cpu", (1,)), {{"q_proj": ColwiseParallel()}})
+assert not isinstance(next(model.parameters()), torch.distributed.tensor.DTensor)   # the embeddings stay plain
+print("shared" if can_share_prompts(model) else "full")
+dist.destroy_process_group()
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "full"

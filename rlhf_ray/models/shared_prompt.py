@@ -66,7 +66,8 @@ def _sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    return isinstance(model, FSDPModule) or isinstance(next(model.parameters(), None), DTensor)
+    # tensor parallelism may leave some weights (embeddings) plain: any DTensor means the model is sharded
+    return isinstance(model, FSDPModule) or any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:

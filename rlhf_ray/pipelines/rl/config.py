@@ -125,10 +125,10 @@ class AlgorithmSection(Section):
     rollout_rs_threshold_lower: float | None = Field(None, ge=0, description="lower edge of the rejection band; "
                                                                              "default 1 / rollout_rs_threshold")
     shared_prompt_forward: bool = Field(
-        True, description="in the policy update and the reference and old-log-prob passes, run each distinct prompt "
-                          "of a micro-batch once and copy its KV cache to its samples (GRPO's n samples share one); "
-                          "the same numbers to float rounding. Only where exact: a plain one-rank transformers model, "
-                          "full attention, no gradient checkpointing; elsewhere the full sequences run")
+        True, description="run each distinct prompt of a batch once, its KV cache copied to its samples, in the "
+                          "policy update and in the reference and old logprob passes (GRPO's n samples share one); "
+                          "the same numbers to float rounding. Only where exact: a plain transformers model on one "
+                          "rank, full attention, no gradient checkpointing; elsewhere the full sequences run")
     # --- DAPO (Yu et al. 2025): dynamic sampling and overlong handling (names as in veRL)
     filter_groups: bool = Field(False, description="dynamic sampling: drop groups whose rewards are all equal and "
                                                    "generate more prompts until the batch is full")

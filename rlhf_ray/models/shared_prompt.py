@@ -14,9 +14,9 @@ repeats in the micro-batch.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
+
+from rlhf_ray.models.inputs import forward_accepts, position_ids_for
 
 
 def shared_prompt_logits(model: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
@@ -33,15 +33,15 @@ def shared_prompt_logits(model: torch.nn.Module, sequences: torch.Tensor, attent
 
     prompts, prompt_mask = distinct[:, :prompt_len], distinct[:, prompt_len:].to(attention_mask.dtype)
     cache = DynamicCache(config=model.config)
-    last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    first = model(input_ids=prompts, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
+    last_only = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
+    first = model(input_ids=prompts, attention_mask=prompt_mask, position_ids=position_ids_for(prompt_mask),
                   past_key_values=cache, use_cache=True, **last_only).logits[:, -1:]
     first = first[inverse]                                          # (B, 1, V): predicts each first response token
     if response_len == 1:
         return first
     cache.batch_select_indices(inverse)
     rest = model(input_ids=sequences[:, prompt_len:width - 1], attention_mask=attention_mask[:, :width - 1],
-                 position_ids=_positions(attention_mask)[:, prompt_len:width - 1], past_key_values=cache,
+                 position_ids=position_ids_for(attention_mask)[:, prompt_len:width - 1], past_key_values=cache,
                  use_cache=True).logits
     return torch.cat([first, rest], dim=1)
 
@@ -59,7 +59,7 @@ def can_share_prompts(model: torch.nn.Module) -> bool:
         return False
     if any(kind != "full_attention" for kind in (getattr(config, "layer_types", None) or ())):
         return False
-    return _accepts(model, "past_key_values")
+    return forward_accepts(model, "past_key_values")
 
 
 def _sharded(model: torch.nn.Module) -> bool:
@@ -68,12 +68,3 @@ def _sharded(model: torch.nn.Module) -> bool:
 
     # tensor parallelism may leave some weights (embeddings) plain: any DTensor means the model is sharded
     return isinstance(model, FSDPModule) or any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    # as the generator counted them: real tokens only, so left padding does not shift a prompt
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-
-
-def _accepts(model: torch.nn.Module, argument: str) -> bool:
-    return argument in inspect.signature(model.forward).parameters

@@ -26,12 +26,8 @@ from rlhf_ray.algorithms.masking import masked_sum
 from rlhf_ray.algorithms.preference import (PREFERENCE_LOSSES, REWARD_MODEL_LOSSES, PreferenceLossParams,
                                             compute_sequence_logprobs)
 from rlhf_ray.data.collators import IGNORE_INDEX, PreferenceCollator, SFTCollator
+from rlhf_ray.models.inputs import position_ids_for
 from rlhf_ray.models.value_head import last_token_values
-
-
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only (left padding does not shift them), as the generator saw them."""
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
 def causal_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

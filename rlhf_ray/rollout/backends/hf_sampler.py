@@ -20,10 +20,11 @@ generator, so seeding it before the call reproduces a chunk.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
+
+from rlhf_ray.models.inputs import forward_accepts, position_ids_for
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,6 @@ def inverse_cdf_sample(log_probs: torch.Tensor) -> torch.Tensor:
     return torch.minimum(token.squeeze(-1), cumulative.argmax(dim=-1))
 
 
-def _accepts(model: torch.nn.Module, argument: str) -> bool:
-    return argument in inspect.signature(model.forward).parameters
-
-
 @torch.no_grad()
 def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
            settings: DecodeSettings) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,13 +73,13 @@ def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     rows, steps = prompts * n, settings.max_new_tokens
     mask = torch.ones((rows, width + steps), dtype=attention_mask.dtype, device=input_ids.device)
     mask[:, :width] = attention_mask.repeat_interleave(n, dim=0)
-    prompt_positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+    prompt_positions = position_ids_for(attention_mask)
     tokens = torch.full((rows, steps), settings.pad_id, dtype=torch.long, device=input_ids.device)
     logprobs = torch.zeros((rows, steps), dtype=torch.float32, device=input_ids.device)
     stop_ids = torch.tensor(settings.stop_ids, dtype=torch.long, device=input_ids.device)
     finished = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
     cache = DynamicCache(config=model.config)
-    last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    last_only = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
 
     # each prompt is prefilled once; its cache (and last logits) are then copied to its n sample rows
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=prompt_positions,

@@ -26,7 +26,7 @@ from rlhf_ray.algorithms.masking import masked_sum
 from rlhf_ray.algorithms.preference import (PREFERENCE_LOSSES, REWARD_MODEL_LOSSES, PreferenceLossParams,
                                             compute_sequence_logprobs)
 from rlhf_ray.data.collators import IGNORE_INDEX, PreferenceCollator, SFTCollator
-from rlhf_ray.models.inputs import position_ids_for
+from rlhf_ray.models.inputs import on_model_device, position_ids_for
 from rlhf_ray.models.value_head import last_token_values
 
 
@@ -169,10 +169,8 @@ class PreferenceObjective:
         """Add ref_chosen_logps / ref_rejected_logps from the colocated frozen model (no-op otherwise)."""
         if self.use_reference and self.reference_model is not None and "ref_chosen_logps" not in batch:
             # the batch comes from the collator, on the CPU; the reference sits on the rank's device
-            device = next(self.reference_model.parameters()).device
-            on_device = {key: value.to(device) if isinstance(value, torch.Tensor) else value
-                         for key, value in batch.items()}
-            ref_chosen, ref_rejected = self.sequence_logps(self.reference_model, on_device)
+            ref_chosen, ref_rejected = self.sequence_logps(self.reference_model,
+                                                           on_model_device(self.reference_model, batch))
             home = batch["chosen_input_ids"].device
             batch = {**batch, "ref_chosen_logps": ref_chosen.float().to(home),
                      "ref_rejected_logps": ref_rejected.float().to(home)}

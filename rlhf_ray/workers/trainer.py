@@ -27,6 +27,7 @@ import torch
 
 from rlhf_ray.config.sections import ModelSection, ParallelSection, TrainSection
 from rlhf_ray.engines.collectives import all_reduce_sums
+from rlhf_ray.models.inputs import on_model_device
 from rlhf_ray.models.loading import count_parameters
 from rlhf_ray.workers.base import RankedWorker
 from rlhf_ray.utils import split_evenly
@@ -295,9 +296,7 @@ def _rank_device() -> torch.device:
 @torch.no_grad()
 def frozen_forward(model: torch.nn.Module, batch: dict[str, Any], fn):
     """fn(model, batch) without grad, the batch's tensors moved to the model's device first."""
-    device = next(model.parameters()).device
-    return fn(model, {key: value.to(device) if isinstance(value, torch.Tensor) else value
-                      for key, value in batch.items()})
+    return fn(model, on_model_device(model, batch))
 
 
 def _without_ddp(model: torch.nn.Module) -> torch.nn.Module:

@@ -23,11 +23,12 @@ def shared_prompt_logits(model: torch.nn.Module, sequences: torch.Tensor, attent
                          response_len: int) -> torch.Tensor | None:
     rows, width = sequences.shape
     prompt_len = width - response_len
-    if response_len < 1 or prompt_len < 1:
+    # the model first: torch.unique waits for the device, which a model that can never share should not pay
+    if response_len < 1 or prompt_len < 1 or not can_share_prompts(model):
         return None
     key = torch.cat([sequences[:, :prompt_len], attention_mask[:, :prompt_len].to(sequences.dtype)], dim=1)
     distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
-    if distinct.shape[0] == rows or not can_share_prompts(model):
+    if distinct.shape[0] == rows:
         return None
     from transformers import DynamicCache
 
